@@ -153,7 +153,8 @@ class SiTBlock(nn.Module):
         # no affine parameters: adaLN provides them per sample
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         # timm's Attention calls F.scaled_dot_product_attention (flash / memory-efficient kernels)
-        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True, qk_norm=qk_norm)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True, qk_norm=qk_norm,
+                              norm_layer=nn.LayerNorm)  # the norm of q and k when qk_norm is on
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio),
                        act_layer=lambda: nn.GELU(approximate="tanh"))

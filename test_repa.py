@@ -1,0 +1,427 @@
+"""Tests for repa.py and sample.py: the second way to read the method.
+
+Grouped like the file: interpolant -> model -> loss -> encoders. Each group says what it proves.
+Golden numbers were captured by running the official code (sihyun-yu/REPA @ 67f7145) on the
+same deterministic weights and inputs; only the numbers are kept here.
+"""
+import hashlib
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import repa
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ---------------------------------------------------------------------------------------------
+# Interpolant: the target v of eq. (2) is the time derivative of the path x_t of eq. (1).
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path_type", ["linear", "cosine"])
+def test_velocity_is_time_derivative_of_path(path_type):
+    x, eps = torch.randn(5, 3), torch.randn(5, 3)
+    t = torch.rand(5, 1, dtype=torch.float64).requires_grad_()
+    alpha, sigma, d_alpha, d_sigma = repa.interpolant(t, path_type)
+    x_t = alpha * x + sigma * eps
+    dxdt = torch.stack([torch.autograd.grad(x_t[:, j].sum(), t, retain_graph=True)[0][:, 0]
+                        for j in range(3)], dim=1)
+    torch.testing.assert_close(dxdt, (d_alpha * x + d_sigma * eps).detach())
+
+
+@pytest.mark.parametrize("path_type", ["linear", "cosine"])
+def test_path_ends_are_data_and_noise(path_type):
+    a0, s0, _, _ = repa.interpolant(torch.tensor(0.0), path_type)
+    a1, s1, _, _ = repa.interpolant(torch.tensor(1.0), path_type)
+    assert (a0.item(), s0.item()) == (1.0, 0.0)
+    assert abs(a1.item()) < 1e-7 and s1.item() == 1.0
+
+
+@pytest.mark.parametrize("path_type", ["linear", "cosine"])
+def test_lognormal_t_has_edm_noise_to_signal_ratio(path_type):
+    torch.manual_seed(0)
+    t = repa.sample_t(10_000, "lognormal", path_type).double()
+    torch.manual_seed(0)
+    sigma = torch.randn(10_000).exp().double()
+    alpha_t, sigma_t, _, _ = repa.interpolant(t, path_type)
+    torch.testing.assert_close(sigma_t / alpha_t, sigma, rtol=1e-4, atol=0)
+
+
+def test_bad_path_and_weighting_are_user_errors():
+    with pytest.raises(repa.UserError):
+        repa.interpolant(torch.zeros(1), "edm")
+    with pytest.raises(repa.UserError):
+        repa.sample_t(2, "logit")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model: adaLN-Zero outputs exactly 0 at init; sizes, key names and parameter counts are the
+# official ones, so official checkpoints load strictly.
+# ---------------------------------------------------------------------------------------------
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=4, num_heads=4,
+            mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, encoder_depth=2,
+            projector_dim=64)
+
+
+def tiny_model(z_dims=(32,), **kw):
+    return repa.SiT(**{**TINY, "z_dims": list(z_dims), **kw})
+
+
+def fill_(model):
+    """Deterministic weights, independent of any init code (the golden recipe)."""
+    g = torch.Generator().manual_seed(0)
+    sd = model.state_dict()
+    for k in sorted(sd):
+        if k != "pos_embed":
+            sd[k].copy_(torch.randn(sd[k].shape, generator=g) * 0.1)
+    return model
+
+
+def checks(x):
+    f = x.double().flatten()
+    w = torch.linspace(-1, 1, f.numel(), dtype=torch.float64)
+    return [f.sum().item(), (f * f).sum().item(), (f * w).sum().item()] + f[:6].tolist()
+
+
+def assert_golden(x, expected, tol=1e-5):
+    got = checks(x)
+    exp = [expected["sum"], expected["sumsq"], expected["wsum"]] + list(expected["first"])
+    scale = max(1.0, math.sqrt(abs(exp[1])))
+    for g, e in zip(got, exp):
+        assert abs(g - e) <= tol * scale, (got, exp)
+
+
+def test_model_outputs_zero_at_init():
+    model = tiny_model()
+    v, zs = model(torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([0, 5, 1000]))
+    assert torch.count_nonzero(v) == 0
+    assert zs[0].shape == (3, 16, 32) and zs[0].abs().sum() > 0  # the projector is not zeroed
+
+
+def test_label_dropout_only_in_training_and_null_is_num_classes():
+    model = fill_(tiny_model())
+    x, t = torch.randn(64, 4, 8, 8), torch.rand(64)
+    y = torch.randint(0, 1000, (64,))
+    null = torch.full_like(y, 1000)
+    model.eval()
+    v_cond, v_null = model(x, t, y)[0], model(x, t, null)[0]
+    assert torch.equal(model(x, t, y)[0], v_cond)  # eval: deterministic, no dropout
+    model.train()
+    torch.manual_seed(0)
+    v_train = model(x, t, y)[0]
+    dropped = [torch.equal(v_train[i], v_null[i]) for i in range(64)]
+    kept = [torch.equal(v_train[i], v_cond[i]) for i in range(64)]
+    assert all(d != k for d, k in zip(dropped, kept)) and 1 <= sum(dropped) <= 20
+
+
+def test_size_table_accepts_official_names():
+    assert repa.size_config("SiT-XL/2") == repa.size_config("XL/2") == dict(
+        depth=28, hidden_size=1152, num_heads=16, patch_size=2, encoder_depth=8)
+    assert repa.SIZES["B/4"]["encoder_depth"] == 4 and repa.SIZES["L/8"]["patch_size"] == 8
+    assert len(repa.SIZES) == 12
+    with pytest.raises(repa.UserError, match="unknown model size"):
+        repa.size_config("XXL/2")
+
+
+# (name, total parameters, projector parameters): FACTS.md, the official counts at 256 px
+OFFICIAL_COUNTS = [("B/2", 137_845_008, 7_344_896), ("L/2", 465_955_600, 7_869_184),
+                   ("XL/2", 683_242_512, 8_131_328)]
+
+
+@pytest.mark.parametrize("name,total,proj", OFFICIAL_COUNTS)
+def test_parameter_counts_equal_official(name, total, proj):
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        model = repa.SiT(**repa.SIZES[name], input_size=32, num_classes=1000, z_dims=[768])
+    assert sum(p.numel() for p in model.parameters()) == total
+    assert sum(p.numel() for p in model.projectors.parameters()) == proj
+
+
+def test_xl2_state_dict_keys_and_shapes_equal_official():
+    with torch.device("meta"):
+        model = repa.SiT(**repa.SIZES["XL/2"], input_size=32, num_classes=1000, z_dims=[768])
+    sd = model.state_dict()
+    lines = "\n".join(f"{k} {tuple(v.shape)}" for k, v in sd.items())
+    assert len(sd) == 298
+    assert hashlib.sha256(lines.encode()).hexdigest() == GOLDEN["xl2_keys_sha256"]
+
+
+def test_legacy_decoder_blocks_checkpoint_loads():
+    model = fill_(tiny_model())
+    legacy = {}  # the released XL/2 last.pt names blocks after encoder_depth decoder_blocks.N
+    for k, v in model.state_dict().items():
+        if k.startswith("blocks.") and int(k.split(".")[1]) >= TINY["encoder_depth"]:
+            _, n, rest = k.split(".", 2)
+            k = f"decoder_blocks.{int(n) - TINY['encoder_depth']}.{rest}"
+        legacy[k] = v.clone()
+    fresh = repa.load_sit_weights(tiny_model(), legacy)
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+
+
+def test_checkpoint_for_another_model_is_one_clear_line():
+    other = tiny_model(hidden_size=32)
+    with pytest.raises(repa.UserError) as e:
+        repa.load_sit_weights(tiny_model(), other.state_dict())
+    assert "\n" not in str(e.value) and "another size" in str(e.value)
+    with pytest.raises(repa.UserError):
+        repa.load_sit_weights(tiny_model(), tiny_model(z_dims=(32, 48)).state_dict())
+
+
+@pytest.mark.parametrize("case,z_dims,qk_norm", [("one", (32,), False), ("two", (32, 48), False),
+                                                 ("qknorm", (32,), True)])
+def test_forward_equals_official(case, z_dims, qk_norm):
+    model = fill_(tiny_model(z_dims, qk_norm=qk_norm)).eval()
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(3, 4, 8, 8, generator=g), torch.rand(3, generator=g)
+    with torch.no_grad():
+        v, zs = model(x, t, torch.tensor([1, 7, 1000]))
+    assert_golden(v, GOLDEN["forward"][case]["v"])
+    assert len(zs) == len(z_dims)
+    for z, expected in zip(zs, GOLDEN["forward"][case]["zs"]):
+        assert_golden(z, expected)
+
+
+def test_pos_embed_equals_official():
+    assert_golden(tiny_model().pos_embed, GOLDEN["pos_embed"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss: the alignment term is -cos, so -1 for identical features and about 0 for unrelated
+# ones; and both terms equal the official SILoss given the same t and noise.
+# ---------------------------------------------------------------------------------------------
+class Echo(torch.nn.Module):
+    """A 'model' whose projected features are given, to test the alignment term alone."""
+
+    def __init__(self, zs):
+        super().__init__()
+        self.zs = zs
+
+    def forward(self, x, t, y):
+        return torch.zeros_like(x), self.zs
+
+
+def test_alignment_is_minus_one_for_identical_features():
+    z = [torch.randn(4, 16, 32), torch.randn(4, 16, 8)]
+    _, align = repa.repa_loss(Echo([3.0 * z[0], z[1]]), torch.randn(4, 4, 8, 8), None, z)
+    assert abs(align.item() + 1) < 1e-6  # scale-invariant: 3z is as aligned as z
+
+
+def test_alignment_is_near_zero_for_unrelated_features():
+    torch.manual_seed(0)
+    z, other = [torch.randn(8, 256, 768)], [torch.randn(8, 256, 768)]
+    _, align = repa.repa_loss(Echo(other), torch.randn(8, 4, 8, 8), None, z)
+    assert abs(align.item()) < 0.01
+
+
+def test_denoising_loss_is_per_sample_mse_to_velocity():
+    x, noise, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([0.1, 0.5, 0.9])
+    den, _ = repa.repa_loss(Echo([torch.randn(3, 16, 4)]), x, None, [torch.randn(3, 16, 4)],
+                            t=t, noise=noise)
+    # the Echo model predicts v = 0, so the loss is the mean square of v = eps - x (linear path)
+    torch.testing.assert_close(den, (noise - x).square().mean(dim=(1, 2, 3)))
+
+
+@pytest.mark.parametrize("path_type,weighting", [("linear", "uniform"), ("cosine", "uniform"),
+                                                 ("linear", "lognormal"), ("cosine", "lognormal")])
+def test_loss_equals_official_siloss(path_type, weighting):
+    model = fill_(tiny_model((32, 48))).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, 8, 8, generator=g)
+    y = torch.tensor([1, 7, 1000])
+    g = torch.Generator().manual_seed(2)
+    zt = [torch.randn(3, 16, 32, generator=g), torch.randn(3, 16, 48, generator=g)]
+    expected = GOLDEN["loss"][f"{path_type}-{weighting}"]
+    # the official SILoss draws t and then the noise from the global generator; seeded, our
+    # own draws (t=None, noise=None) and explicit ones must both give its numbers
+    torch.manual_seed(3)
+    den, align = repa.repa_loss(model, x, y, zt, path_type, weighting)
+    torch.testing.assert_close(den, torch.tensor(expected["denoising"]), rtol=1e-5, atol=1e-6)
+    assert abs(align.item() - expected["proj"]) < 1e-6
+    torch.manual_seed(3)
+    t = repa.sample_t(3, weighting, path_type)
+    den2, align2 = repa.repa_loss(model, x, y, zt, path_type, weighting, t=t,
+                                  noise=torch.randn_like(x))
+    assert torch.equal(den, den2) and torch.equal(align, align2)
+
+
+def test_alignment_is_computed_in_fp32_under_autocast():
+    model = fill_(tiny_model())
+    zt = [torch.randn(2, 16, 32) * 1e-4]  # tiny features: normalising in 16-bit loses them
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        den, align = repa.repa_loss(model, torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), zt)
+    assert align.dtype == torch.float32 and den.dtype == torch.float32
+    assert torch.isfinite(align) and torch.isfinite(den).all()
+
+
+def test_loss_backward_reaches_projector_and_blocks():
+    model = tiny_model()
+    den, align = repa.repa_loss(model, torch.randn(2, 4, 8, 8), torch.tensor([1, 2]),
+                                [torch.randn(2, 16, 32)])
+    (den.mean() + 0.5 * align).backward()
+    assert model.projectors[0][0].weight.grad.abs().sum() > 0
+    # at init (adaLN-Zero) the v-loss reaches only the output layer; the alignment term reaches
+    # the patch embedding and the gates of the blocks up to encoder_depth, and no further
+    assert model.x_embedder.proj.weight.grad.abs().sum() > 0
+    assert model.blocks[0].adaLN_modulation[1].weight.grad.abs().sum() > 0
+    assert model.blocks[-1].adaLN_modulation[1].weight.grad.abs().sum() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoders: the same timm classes with tiny random weights; the preprocessing and the patch
+# tokens follow the official code; missing weights are one clear line.
+# ---------------------------------------------------------------------------------------------
+TINY_VIT = dict(pretrained=False, depth=1, embed_dim=48, num_heads=2)
+
+
+@pytest.mark.parametrize("spec,resolution,tokens,dims", [
+    ("dinov2-vit-b", 256, 256, [48]), ("dinov2-vit-b", 512, 1024, [48]),
+    ("dinov2reg-vit-s,dinov3-vit-b,clip-vit-l", 256, 256, [48, 48, 48])])
+def test_encoders_give_one_token_per_sit_patch(spec, resolution, tokens, dims):
+    encoders = repa.load_encoders(spec, resolution, **TINY_VIT)
+    images = torch.randint(0, 256, (2, 3, resolution, resolution), dtype=torch.uint8)
+    feats = repa.encode(encoders, images)
+    assert [f.shape for f in feats] == [(2, tokens, d) for d in dims]
+    assert [e.dim for e in encoders] == dims
+    assert all(not p.requires_grad for e in encoders for p in e.model.parameters())
+
+
+def test_dinov2_preprocessing_and_tokens_follow_official():
+    import timm
+    (enc,) = repa.load_encoders("dinov2-vit-b", 256, **TINY_VIT)
+    images = torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8)
+    # the official recipe, written out: /255, ImageNet normalise, then bicubic to 224, then
+    # the normed tokens without CLS (x_norm_patchtokens)
+    x = images.float() / 255
+    x = (x - torch.tensor(timm.data.IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        timm.data.IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+    x = torch.nn.functional.interpolate(x, 224, mode="bicubic")
+    tokens = enc.model.forward_features(x)  # [CLS, patches], after the final norm
+    torch.testing.assert_close(repa.encode([enc], images)[0], tokens[:, 1:])
+
+
+def test_encoder_weights_from_a_local_file_are_resampled(tmp_path):
+    import timm
+    from timm.layers import resample_abs_pos_embed
+    # a checkpoint at DINOv2's native 518 px (a 37 x 37 grid), as released
+    native = timm.create_model("vit_base_patch14_dinov2", pretrained=False, num_classes=0,
+                               **{k: v for k, v in TINY_VIT.items() if k != "pretrained"})
+    path = tmp_path / "dinov2_tiny.pth"
+    torch.save(native.state_dict(), path)
+    kw = {k: v for k, v in TINY_VIT.items() if k != "pretrained"}
+    (enc,) = repa.load_encoders(f"dinov2-vit-b={path}", 256, **kw)
+    expected = resample_abs_pos_embed(native.pos_embed.data, [16, 16], num_prefix_tokens=1)
+    torch.testing.assert_close(enc.model.pos_embed.data, expected)
+    torch.testing.assert_close(enc.model.blocks[0].attn.qkv.weight, native.blocks[0].attn.qkv.weight)
+
+
+def one_line_error(code, env=None):
+    """Run repa code in a fresh interpreter; return its UserError message."""
+    wrapped = f"import repa\ntry:\n    {code}\nexcept repa.UserError as e:\n    print(e)\n"
+    out = subprocess.run([sys.executable, "-c", wrapped], capture_output=True, text=True,
+                         cwd=HERE, env={**os.environ, **(env or {})}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_encoder_errors_are_one_clear_line(tmp_path):
+    msg = one_line_error("repa.load_encoders('dinov9-vit-b')")
+    assert msg.startswith("unknown encoder 'dinov9-vit-b'") and "dinov2-vit-b" in msg
+    msg = one_line_error(f"repa.load_encoders('dinov2-vit-b={tmp_path}/none.pth')")
+    assert "not found" in msg and "\n" not in msg
+    # no weights in an empty cache, offline: say how to provide them, and do not hang on retries
+    msg = one_line_error("repa.load_encoders('dinov2-vit-b')",
+                         env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    assert "not in the Hugging Face cache" in msg and "dinov2-vit-b=PATH" in msg
+    assert "\n" not in msg
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    msg = one_line_error(f"repa.load_encoders('dinov2-vit-b={bad}')")
+    assert msg.startswith("cannot load encoder dinov2-vit-b") and "\n" not in msg
+
+
+# Numbers from the official code (see the module docstring): checks() of its outputs.
+GOLDEN = {'xl2_keys_sha256': '341b9e369bd2b388e98bf15b89f7f9cf9200d29faf69bdda0d5a87abd069e1c5',
+ 'pos_embed': {'sum': 525.9784436438931,
+               'sumsq': 511.9999982561337,
+               'wsum': 3.2865558260846175,
+               'first': [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]},
+ 'forward': {'one': {'v': {'sum': -175.13577309343964,
+                           'sumsq': 605.5383962880792,
+                           'wsum': -2.8215220687604994,
+                           'first': [-0.012173786759376526,
+                                     0.8258891701698303,
+                                     -1.3127827644348145,
+                                     -0.3223898410797119,
+                                     -0.6926365494728088,
+                                     -0.22500263154506683]},
+                     'zs': [{'sum': -8.858659791760147,
+                             'sumsq': 71.61608211591886,
+                             'wsum': 0.503500069829511,
+                             'first': [-0.0624191090464592,
+                                       -0.4538462162017822,
+                                       -0.15953966975212097,
+                                       0.05265562981367111,
+                                       0.31023919582366943,
+                                       -0.19657093286514282]}]},
+             'two': {'v': {'sum': -159.0311583634466,
+                           'sumsq': 617.0744362815796,
+                           'wsum': 0.7595257529967037,
+                           'first': [-0.9718014597892761,
+                                     -1.627055287361145,
+                                     -1.698725938796997,
+                                     -1.6695367097854614,
+                                     -2.2590315341949463,
+                                     -1.5627899169921875]},
+                     'zs': [{'sum': -6.075656914617866,
+                             'sumsq': 62.646136617748965,
+                             'wsum': -1.154244518366486,
+                             'first': [-0.2880416810512543,
+                                       -0.22229072451591492,
+                                       -0.1195259615778923,
+                                       0.059041060507297516,
+                                       0.2251790463924408,
+                                       -0.1964433342218399]},
+                            {'sum': -9.749729291303083,
+                             'sumsq': 50.53334235419193,
+                             'wsum': -2.45539743669747,
+                             'first': [-0.006397537887096405,
+                                       -0.0779171884059906,
+                                       -0.19409507513046265,
+                                       -0.17114779353141785,
+                                       0.021673550829291344,
+                                       0.07056654989719391]}]},
+             'qknorm': {'v': {'sum': -225.67822299804538,
+                              'sumsq': 582.2988127569575,
+                              'wsum': -5.178195856063539,
+                              'first': [-0.8233683109283447,
+                                        -1.9146021604537964,
+                                        -0.1159355640411377,
+                                        -1.4264401197433472,
+                                        -0.5224166512489319,
+                                        -1.871578574180603]},
+                        'zs': [{'sum': -100.87160535762087,
+                                'sumsq': 92.12587592792353,
+                                'wsum': -0.5685400464705539,
+                                'first': [-0.16780883073806763,
+                                          -0.01751607283949852,
+                                          0.3389964997768402,
+                                          -0.206129789352417,
+                                          -0.05579955875873566,
+                                          -0.025068148970603943]}]}},
+ 'loss': {'linear-uniform': {'denoising': [3.199169158935547, 2.533921003341675, 2.865037679672241],
+                             'proj': 0.0006485972553491592},
+          'cosine-uniform': {'denoising': [3.7116951942443848,
+                                           2.8269948959350586,
+                                           3.257711172103882],
+                             'proj': 0.0010485214879736304},
+          'linear-lognormal': {'denoising': [2.834376096725464,
+                                             2.2554261684417725,
+                                             3.0378952026367188],
+                               'proj': 0.004693607334047556},
+          'cosine-lognormal': {'denoising': [3.3355555534362793,
+                                             2.6113247871398926,
+                                             3.533881425857544],
+                               'proj': 0.007538554724305868}}}
