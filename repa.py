@@ -400,22 +400,38 @@ def load_encoders(spec="dinov2-vit-b", resolution=256, device="cpu", **timm_kwar
     return encoders
 
 
-def _hub_weights(repo_id, filename="model.safetensors"):
-    """The weight file from the Hugging Face cache, or downloaded when the hub can be reached.
-    None when neither: we check first, because the hub client would retry for a minute."""
+def _hub_reachable():
+    """False when offline (HF_HUB_OFFLINE, or no DNS): checked first, because the hub client
+    would otherwise retry for a minute before failing."""
     import socket
     from urllib.parse import urlparse
-    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+        return True
+    except OSError:
+        return False
+
+
+def _hub_weights(repo_id, filename="model.safetensors"):
+    """The weight file from the Hugging Face cache, or downloaded when the hub can be reached."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
     cached = try_to_load_from_cache(repo_id, filename)
     if isinstance(cached, str):
         return cached
+    return hf_hub_download(repo_id, filename) if _hub_reachable() else None
+
+
+def _hub_folder(repo_id):
+    """A model folder (config and weights) from the cache, or downloaded when reachable."""
+    from huggingface_hub import snapshot_download
+    patterns = ["config.json", "*.safetensors"]
     try:
-        if constants.HF_HUB_OFFLINE:
-            return None
-        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
-    except OSError:
-        return None
-    return hf_hub_download(repo_id, filename)
+        return snapshot_download(repo_id, local_files_only=True, allow_patterns=patterns)
+    except Exception:
+        return snapshot_download(repo_id, allow_patterns=patterns) if _hub_reachable() else None
 
 
 @torch.no_grad()
@@ -435,3 +451,27 @@ def encode(encoders, images):
             x = F.interpolate(x, size=(enc.size, enc.size), mode="bicubic")
         out.append(enc.model.forward_features(x)[:, enc.model.num_prefix_tokens:])
     return out
+
+
+#################################################################################
+#                 Data: SD-VAE latents and images, read fast                     #
+#################################################################################
+
+def load_vae(name="stabilityai/sd-vae-ft-mse", device="cpu"):
+    """The SD-VAE (diffusers AutoencoderKL) from a local folder or the Hugging Face cache.
+    Latents are made with ft-mse (as in the official preprocessing); samples are decoded with
+    ft-ema (sample.py). Missing weights are one clear line, not a minute of retries."""
+    from diffusers.models import AutoencoderKL
+    path = name if os.path.isdir(name) else _hub_folder(name)
+    try:
+        if path is None:
+            raise FileNotFoundError(name)
+        vae = AutoencoderKL.from_pretrained(path, low_cpu_mem_usage=False)
+    except Exception as e:
+        hint = (f"the folder {name} is not a diffusers AutoencoderKL" if os.path.isdir(name) else
+                f"it is not in the Hugging Face cache and cannot be downloaded here; on a machine "
+                f"with internet run python -c \"from diffusers import AutoencoderKL; "
+                f"AutoencoderKL.from_pretrained('{name}')\" and copy ~/.cache/huggingface, or "
+                f"pass a local folder")
+        raise UserError(f"cannot load the VAE {name}: {hint} ({type(e).__name__})") from None
+    return vae.to(device).eval().requires_grad_(False)
