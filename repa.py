@@ -25,10 +25,13 @@ Commands
 --------
   pip install -r requirements.txt && python -m pytest -q test_repa.py      # set up and test
 """
+import contextlib
 import math
 import os
+import sys
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -454,6 +457,49 @@ def encode(encoders, images):
 
 
 #################################################################################
+#          One device path: CPU, one GPU, or torchrun over many of either        #
+#################################################################################
+# torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without it we are rank 0 of 1 and use no process
+# group at all. NCCL on GPUs, gloo on CPUs: the rest of the code does not care which.
+
+def setup_distributed():
+    """(rank, world, device), initialising the process group once when run under torchrun."""
+    import torch.distributed as dist
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank = int(os.environ.get("RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
+
+
+def barrier():
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def atomic_write_text(path, text):
+    """Write to a temporary file, then rename: a reader never sees a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+#################################################################################
 #                 Data: SD-VAE latents and images, read fast                     #
 #################################################################################
 
@@ -475,3 +521,643 @@ def load_vae(name="stabilityai/sd-vae-ft-mse", device="cpu"):
                 f"pass a local folder")
         raise UserError(f"cannot load the VAE {name}: {hint} ({type(e).__name__})") from None
     return vae.to(device).eval().requires_grad_(False)
+
+
+def center_crop_adm(image, size):
+    """ADM's centre crop (guided-diffusion, image_datasets.py), used by the official preprocessing:
+    halve with a box filter while the short side is >= 2 * size (cheap antialiasing), resize the
+    short side to `size` with bicubic, then crop the centre. PIL image -> uint8 (size, size, 3)."""
+    from PIL import Image
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top:top + size, left:left + size]
+
+
+def list_image_folder(src):
+    """(paths, labels, classes) of an ImageNet-style folder: one sub-folder per class, sorted, so
+    the labels are 0..999 in the usual synset order."""
+    from PIL import Image
+    if not os.path.isdir(src):
+        raise UserError(f"source folder not found: {src}")
+    classes = sorted(d.name for d in os.scandir(src) if d.is_dir())
+    if not classes:
+        raise UserError(f"no class folders in {src}: expected one sub-folder per class")
+    extensions = {e for e, f in Image.registered_extensions().items() if f in Image.OPEN}
+    paths, labels, empty = [], [], []
+    for label, name in enumerate(classes):
+        files = sorted(f.path for f in os.scandir(os.path.join(src, name))
+                       if f.is_file() and os.path.splitext(f.name)[1].lower() in extensions)
+        empty += [] if files else [name]
+        paths += files
+        labels += [label] * len(files)
+    if empty:
+        raise UserError(f"{len(empty)} class folder(s) in {src} hold no images (e.g. {empty[0]}): "
+                        "remove them or add images, or the labels would shift")
+    return paths, labels, classes
+
+
+# The prepared dataset is a folder of shards, each a folder of three .npy arrays that training
+# memory-maps: images (N, 3, R, R) uint8, moments (N, 8, R/8, R/8) float32 (the VAE posterior mean
+# and std, as the official preprocessing stores them), labels (N,) int64. A shard is written under
+# a temporary name and renamed when complete, so a shard folder that exists is whole; manifest.json
+# lists the shards and the unreadable files. ImageNet at 256 px: 1.28M x (196,608 + 32,768) bytes,
+# about 294 GB (251 GB of images, 42 GB of moments).
+def prepare(src, out, resolution=256, vae_name="stabilityai/sd-vae-ft-mse", shard_size=10_000,
+            batch_size=64):
+    """ImageFolder -> shards, sharded over torchrun ranks and resumable (finished shards are
+    skipped; a half-written one is redone). Unreadable images are counted and listed."""
+    from PIL import Image
+    from tqdm import tqdm
+    rank, world, device = setup_distributed()
+    paths, labels, classes = list_image_folder(src)
+    os.makedirs(out, exist_ok=True)
+    chunks = [range(i, min(i + shard_size, len(paths))) for i in range(0, len(paths), shard_size)]
+    todo = [k for k in range(rank, len(chunks), world)
+            if not os.path.isdir(os.path.join(out, f"shard-{k:05d}"))]
+    vae = load_vae(vae_name, device) if todo else None
+    bar = tqdm(total=sum(len(chunks[k]) for k in todo), disable=rank != 0, desc="prepare",
+               unit="img")
+    for k in todo:
+        images, keep, failed = [], [], []
+        for i in chunks[k]:
+            try:
+                with Image.open(paths[i]) as im:
+                    images.append(center_crop_adm(im.convert("RGB"), resolution))
+                keep.append(i)
+            except Exception as e:  # truncated, corrupt, not an image: list it, go on
+                failed.append(f"{paths[i]}: {type(e).__name__}")
+            bar.update(1)
+        images = np.stack(images).transpose(0, 3, 1, 2) if images else \
+            np.zeros((0, 3, resolution, resolution), np.uint8)
+        moments = []
+        with torch.no_grad():
+            for batch in torch.from_numpy(images).split(batch_size):
+                x = batch.to(device).float() / 127.5 - 1
+                posterior = vae.encode(x).latent_dist
+                moments.append(torch.cat([posterior.mean, posterior.std], dim=1).float().cpu())
+        moments = torch.cat(moments).numpy() if moments else \
+            np.zeros((0, 8, resolution // 8, resolution // 8), np.float32)
+        write_shard(out, k, images, moments, np.asarray([labels[i] for i in keep], np.int64),
+                    failed)
+    bar.close()
+    barrier()
+    if rank == 0:
+        manifest = write_manifest(out, resolution, classes, vae_name)
+        print0(f"prepared {manifest['count']} images in {len(manifest['shards'])} shards at {out}; "
+               f"{len(manifest['failed'])} unreadable" +
+               "".join(f"\n  skipped {f}" for f in manifest["failed"]))
+    return out
+
+
+def write_shard(out, k, images, moments, labels, failed=()):
+    """Write shard k under a temporary name, then rename it: a shard folder that exists is whole,
+    so a stopped preparation is resumed by redoing only the shards that do not exist."""
+    import json
+    tmp = os.path.join(out, f".shard-{k:05d}.tmp{os.getpid()}")
+    os.makedirs(tmp, exist_ok=True)
+    for name, array in [("images", images), ("moments", moments), ("labels", labels)]:
+        np.save(os.path.join(tmp, f"{name}.npy"), array)
+    with open(os.path.join(tmp, "failed.json"), "w") as f:
+        json.dump(list(failed), f)
+    os.replace(tmp, os.path.join(out, f"shard-{k:05d}"))
+
+
+def write_manifest(out, resolution, classes, vae_name):
+    """manifest.json: the shards, their sizes and every unreadable file, written last."""
+    import json
+    names = sorted(d for d in os.listdir(out) if d.startswith("shard-"))
+    shards = [{"name": d, "count": len(np.load(os.path.join(out, d, "labels.npy")))} for d in names]
+    failed = [f for d in names for f in json.load(open(os.path.join(out, d, "failed.json")))]
+    manifest = {"resolution": resolution, "vae": vae_name, "classes": classes,
+                "count": sum(s["count"] for s in shards), "shards": shards, "failed": failed}
+    atomic_write_text(os.path.join(out, "manifest.json"), json.dumps(manifest, indent=1))
+    return manifest
+
+
+class ShardDataset(torch.utils.data.Dataset):
+    """The prepared shards, memory-mapped: no decoding at training time, only copies from the
+    page cache. Indexing takes a whole batch of indices (__getitems__) and returns stacked
+    tensors (images uint8, moments float32, labels int64)."""
+    latent_scale = LATENT_SCALE
+
+    def __init__(self, data_dir):
+        import json
+        path = os.path.join(data_dir, "manifest.json")
+        if not os.path.isfile(path):
+            raise UserError(f"no prepared dataset at {data_dir} (manifest.json missing): run "
+                            f"python repa.py --prepare IMAGENET_TRAIN_FOLDER --data-dir {data_dir}")
+        manifest = json.load(open(path))
+        self.resolution, self.num_classes = manifest["resolution"], len(manifest["classes"])
+        dirs = [os.path.join(data_dir, s["name"]) for s in manifest["shards"] if s["count"]]
+        self.images = [np.load(os.path.join(d, "images.npy"), mmap_mode="r") for d in dirs]
+        self.moments = [np.load(os.path.join(d, "moments.npy"), mmap_mode="r") for d in dirs]
+        self.labels = np.concatenate([np.load(os.path.join(d, "labels.npy")) for d in dirs])
+        self.starts = np.cumsum([0] + [len(a) for a in self.images])
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitems__(self, indices):
+        indices = np.asarray(indices)
+        shard = np.searchsorted(self.starts, indices, side="right") - 1
+        images = np.empty((len(indices),) + self.images[0].shape[1:], np.uint8)
+        moments = np.empty((len(indices),) + self.moments[0].shape[1:], np.float32)
+        for n, (s, i) in enumerate(zip(shard, indices - self.starts[shard])):
+            images[n], moments[n] = self.images[s][i], self.moments[s][i]
+        return (torch.from_numpy(images), torch.from_numpy(moments),
+                torch.from_numpy(self.labels[indices]))
+
+
+class DemoDataset(torch.utils.data.Dataset):
+    """A procedural, class-conditional dataset generated in memory, for `--demo`: 32 x 32 images
+    of one coloured shape on a dark background, the class being the shape (10 kinds). Training on
+    it is in pixel space (no VAE): the 'moments' are the image in [-1, 1] with std 0, so the
+    training step is the same code as for latents, with scale 1."""
+    latent_scale = 1.0
+    num_classes, resolution = 10, 32
+
+    def __init__(self, n=10_000, seed=0):
+        rng = np.random.default_rng(seed)
+        r = self.resolution
+        yy, xx = np.mgrid[0:r, 0:r].astype(np.float32) + 0.5
+        self.labels = rng.integers(0, self.num_classes, n)
+        cx, cy = rng.uniform(10, 22, (2, n, 1, 1))
+        size = rng.uniform(6, 10, (n, 1, 1))
+        dx, dy = (xx - cx) / size, (yy - cy) / size
+        ax, ay, rad = np.abs(dx), np.abs(dy), np.sqrt(dx ** 2 + dy ** 2)
+        shapes = [rad < 1,                                      # disk
+                  (ax < 0.8) & (ay < 0.8),                      # square
+                  (dy < 0.8) & (ax < (dy + 1) * 0.5),           # triangle
+                  ax + ay < 1,                                  # diamond
+                  ((ax < 0.25) | (ay < 0.25)) & (rad < 1),      # plus
+                  (rad < 1) & (rad > 0.6),                      # ring
+                  (ax < 1) & (ay < 0.3),                        # horizontal bar
+                  (ax < 0.3) & (ay < 1),                        # vertical bar
+                  (np.abs(ax - ay) < 0.25) & (rad < 1.1),       # X
+                  (ax < 0.9) & (ay < 0.9) & ((ax > 0.55) | (ay > 0.55))]  # hollow square
+        mask = np.choose(self.labels[:, None, None], shapes)
+        colour = rng.uniform(120, 255, (n, 3, 1, 1))
+        background = rng.uniform(0, 60, (n, 3, 1, 1))
+        self.images = np.where(mask[:, None], colour, background).astype(np.uint8)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitems__(self, indices):
+        images = torch.from_numpy(self.images[indices])
+        mean = images.float() / 127.5 - 1
+        return images, torch.cat([mean, torch.zeros_like(mean)], dim=1), \
+            torch.from_numpy(self.labels[indices])
+
+
+class PatchStats(nn.Module):
+    """The demo's frozen 'encoder': hand-made features of each 4 x 4 patch (mean colour, colour
+    spread, horizontal and vertical edge energy). They carry the layout and the edges of the image,
+    as early layers of a real encoder do, but none of DINOv2's semantics: the demo shows the
+    mechanism of REPA, not its benefit. Real runs always use a pretrained encoder."""
+    embed_dim, num_prefix_tokens, patch = 8, 0, 4
+
+    def forward_features(self, x):  # x: (B, 3, H, W) in [0, 1]
+        p = self.patch
+        gray = x.mean(1, keepdim=True)
+        ex = F.pad((gray[..., :, 1:] - gray[..., :, :-1]).abs(), (0, 1))
+        ey = F.pad((gray[..., 1:, :] - gray[..., :-1, :]).abs(), (0, 0, 0, 1))
+        feats = torch.cat([F.avg_pool2d(x, p) - 0.5, F.avg_pool2d(x * x, p).sub(
+            F.avg_pool2d(x, p) ** 2).clamp_min(0).sqrt(), F.avg_pool2d(ex, p), F.avg_pool2d(ey, p)], 1)
+        return feats.flatten(2).transpose(1, 2)  # (B, tokens, 8)
+
+
+def demo_encoders():
+    return [Encoder("demo-patchstats", PatchStats(), DemoDataset.resolution, (0, 0, 0), (1, 1, 1))]
+
+
+class ResumableBatches(torch.utils.data.Sampler):
+    """An endless, seeded stream of this rank's micro-batches that can start mid-epoch.
+
+    Epoch e is a permutation drawn from seed + e, cut into global batches (one per optimiser
+    step). A global batch has world x accum slots of `batch` samples; rank r's micro-batch m takes
+    slot r * accum + m. So 2 ranks x 1 micro-batch and 1 rank x 2 micro-batches see the same
+    samples in the same slots, and (epoch, position in steps) is all a checkpoint needs."""
+
+    def __init__(self, n, batch, rank=0, world=1, accum=1, seed=0, epoch=0, position=0):
+        self.batch, self.slots, self.first = batch, world * accum, rank * accum
+        self.n, self.accum, self.seed, self.epoch, self.position = n, accum, seed, epoch, position
+        self.per_epoch = n // (self.slots * batch)
+        if self.per_epoch == 0:
+            raise UserError(f"{n} samples are too few for a global batch of {self.slots * batch}")
+
+    def __iter__(self):
+        epoch, position = self.epoch, self.position
+        while True:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+            for step in range(position, self.per_epoch):
+                for slot in range(self.first, self.first + self.accum):
+                    start = (step * self.slots + slot) * self.batch
+                    yield order[start:start + self.batch].tolist()
+            epoch, position = epoch + 1, 0
+
+
+def batches(batch):
+    """collate_fn: __getitems__ already stacks the batch."""
+    return batch
+
+
+def loader(dataset, sampler, workers=4):
+    """(images, moments, labels) batches; workers copy from the memory map in parallel and pin
+    the memory so that the copy to the GPU overlaps compute."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=batches, num_workers=workers,
+        pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None)
+
+
+#################################################################################
+#                                   Training                                    #
+#################################################################################
+
+@dataclass
+class Config:
+    """Every default lives here; the command-line flags are generated from these fields (see
+    `parse_args`). Defaults are the paper's / the official train.py's."""
+    # what to run (the default is training)
+    demo: bool = False          # REPA on the built-in shapes dataset, on a CPU, in ~2 minutes
+    bench: int = 0              # time this many steps on random data (no dataset, random encoders)
+    prepare: str = ""           # ImageNet-style folder to turn into shards at --data-dir
+    # model and method
+    model: str = "XL/2"         # S|B|L|XL / 2|4|8, or the official SiT-XL/2
+    encoder_depth: int = 0      # block whose output is aligned (eq. 8); 0 = the size table's
+    enc_type: str = "dinov2-vit-b"  # frozen encoder(s), comma-separated; NAME=PATH for a file
+    proj_coeff: float = 0.5     # lambda of eq. (9)
+    projector_dim: int = 2048
+    path_type: str = "linear"   # linear | cosine
+    weighting: str = "uniform"  # uniform | lognormal
+    cfg_prob: float = 0.1       # label dropout, for classifier-free guidance
+    qk_norm: bool = False
+    # data
+    data_dir: str = "data/imagenet256"
+    resolution: int = 256       # for --prepare (training reads it from the manifest)
+    vae: str = "stabilityai/sd-vae-ft-mse"  # for --prepare
+    num_workers: int = 4
+    # optimisation
+    batch_size: int = 256       # global, over all GPUs and accumulation steps
+    grad_accum: int = 1         # micro-batches per step, when the batch does not fit
+    lr: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_steps: int = 400_000
+    ema_decay: float = 0.9999
+    seed: int = 0
+    # system
+    precision: str = "auto"     # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    compile: bool = False       # torch.compile the SiT
+    results_dir: str = "results"
+    exp_name: str = "repa"
+    resume: str = "auto"        # auto (newest checkpoint of this run, if any) | none | PATH
+    log_every: int = 100
+    ckpt_every: int = 50_000    # numbered checkpoints, kept
+    latest_every: int = 2_000   # latest.pt, overwritten: what a crash loses at most
+
+
+# --demo: a small SiT on 32 x 32 pixels in 10 classes (see DemoDataset, PatchStats)
+DEMO = dict(model_kwargs=dict(input_size=32, patch_size=4, in_channels=3, hidden_size=128, depth=6,
+                              num_heads=4, encoder_depth=2, projector_dim=256, num_classes=10),
+            config=dict(batch_size=64, max_steps=400, log_every=25, ckpt_every=200,
+                        latest_every=100, num_workers=0, exp_name="demo", lr=1e-3,
+                        ema_decay=0.99))
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, as one fused op per parameter group."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
+def train_flops_per_image(model, encoders):
+    """FLOPs to train on one image, for MFU. A Linear applied to T tokens costs 2 * params * T
+    FLOPs forward and twice that backward; attention adds 4 * T^2 * D per block forward (QK^T and
+    AV). So the SiT costs 3 * (2 * P_token * T + 4 * depth * T^2 * D), where P_token counts the
+    weights applied per token (everything but the per-sample adaLN and embedders, whose cost is
+    negligible). The frozen encoders run forward only."""
+    T, D = model.x_embedder.num_patches, model.pos_embed.shape[-1]
+    per_token = sum(p.numel() for n, p in model.named_parameters()
+                    if "adaLN" not in n and not n.startswith(("t_embedder", "y_embedder", "pos")))
+    flops = 3 * (2 * per_token * T + 4 * len(model.blocks) * T * T * D)
+    for enc in encoders:
+        m = enc.model
+        tokens = (enc.size // getattr(m, "patch", enc.size // 16)) ** 2 if not hasattr(
+            m, "patch_embed") else m.patch_embed.num_patches + m.num_prefix_tokens
+        depth = len(getattr(m, "blocks", []))
+        params = sum(p.numel() for p in m.parameters())
+        flops += 2 * params * tokens + 4 * depth * tokens * tokens * enc.dim
+    return flops
+
+
+def peak_flops(device):
+    """Dense bf16 tensor-core peak of the GPU, or None where we do not know it."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    for key, peak in [("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12),
+                      ("L40S", 362e12), ("4090", 165e12), ("B200", 2250e12)]:
+        if key in name:
+            return peak
+    return None
+
+
+def save_checkpoint(path, state):
+    """torch.save to a temporary file, fsync, then rename: a crash (even SIGKILL) mid-write
+    leaves the previous checkpoint of that name intact."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """Our checkpoints, and the official ones whose `args` is an argparse.Namespace, with
+    weights_only=True (no arbitrary code from a file)."""
+    import argparse
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}") from None
+
+
+def newest_checkpoint(ckpt_dir):
+    paths = [os.path.join(ckpt_dir, f) for f in os.listdir(ckpt_dir) if f.endswith(".pt")] \
+        if os.path.isdir(ckpt_dir) else []
+    return max(paths, key=os.path.getmtime, default=None)
+
+
+class StopSignal:
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) set a flag; the loop saves and exits cleanly at
+    the end of the step. Ranks agree through a CPU (gloo) all-reduce, which does not wait for
+    the GPU, so checking every step costs no host-device sync."""
+
+    def __init__(self):
+        import signal
+        import torch.distributed as dist
+        self.flag = False
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.set)
+
+    def set(self, *_):
+        self.flag = True
+
+    def __bool__(self):
+        if self.group is None:
+            return self.flag
+        import torch.distributed as dist
+        flag = torch.tensor([float(self.flag)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+
+class RandomData(torch.utils.data.Dataset):
+    """--bench: random uint8 images and latent moments of the real shapes, made on the fly."""
+    latent_scale = LATENT_SCALE
+    num_classes = NUM_CLASSES
+
+    def __init__(self, resolution, n=1 << 20):
+        self.resolution, self.n = resolution, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitems__(self, indices):
+        b, r = len(indices), self.resolution
+        return (torch.randint(0, 256, (b, 3, r, r), dtype=torch.uint8),
+                torch.randn(b, 8, r // 8, r // 8).abs_(), torch.randint(0, self.num_classes, (b,)))
+
+
+def git_revision():
+    try:
+        import subprocess
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=os.path.dirname(os.path.abspath(__file__)),
+                              timeout=5).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def train(cfg):
+    """The training loop: one path for CPU, one GPU and torchrun over many GPUs and nodes."""
+    import copy
+    import json
+    import time
+    from dataclasses import asdict
+    rank, world, device = setup_distributed()
+    cuda = device.type == "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left (the EMA, fp32)
+    torch.backends.cudnn.allow_tf32 = True
+    precision = ("bf16" if cuda else "fp32") if cfg.precision == "auto" else cfg.precision
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    # --- data, encoders and model --------------------------------------------------------
+    if cfg.demo:
+        dataset, encoders = DemoDataset(), demo_encoders()
+        model_kwargs = dict(DEMO["model_kwargs"])
+    else:
+        dataset = RandomData(cfg.resolution) if cfg.bench else ShardDataset(cfg.data_dir)
+        # --bench: the same encoder classes with random weights (the cost is the same)
+        encoders = load_encoders(cfg.enc_type, dataset.resolution, device,
+                                 **({"pretrained": False} if cfg.bench else {}))
+        model_kwargs = size_config(cfg.model)
+        model_kwargs.update(input_size=dataset.resolution // 8, num_classes=dataset.num_classes,
+                            projector_dim=cfg.projector_dim)
+        if cfg.encoder_depth:
+            model_kwargs["encoder_depth"] = cfg.encoder_depth
+    model_kwargs.update(z_dims=[e.dim for e in encoders], class_dropout_prob=cfg.cfg_prob,
+                        qk_norm=cfg.qk_norm)
+    model = SiT(**model_kwargs).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()  # starts equal to the model
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                            eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=cuda)
+
+    # --- the run folder and resuming ------------------------------------------------------
+    run_dir = os.path.join(cfg.results_dir, cfg.exp_name)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    step, epoch, position = 0, 0, 0
+    path = None if cfg.bench or cfg.resume == "none" else (
+        newest_checkpoint(ckpt_dir) if cfg.resume == "auto" else cfg.resume)
+    if path:
+        ckpt = load_checkpoint(path)
+        load_sit_weights(model, ckpt["model"])
+        load_sit_weights(ema, ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        step = ckpt["steps"]
+        epoch, position = ckpt["data"]["epoch"], ckpt["data"]["position"]
+        print0(f"resumed from {path} at step {step}")
+    if rank == 0 and not cfg.bench:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(
+            dict(config=asdict(cfg), model_kwargs=model_kwargs, git=git_revision(), world=world),
+            indent=1))
+    print0(f"config {json.dumps(asdict(cfg))}\ngit {git_revision()}, world {world}, device "
+           f"{device}, {precision}; SiT {sum(p.numel() for p in model.parameters()):,} parameters")
+    if cfg.demo:
+        print0("demo: pixel-space SiT on procedural shapes; the alignment target is PatchStats "
+               "(hand-made colour and edge features per patch), not a pretrained encoder")
+
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise UserError(f"batch size {cfg.batch_size} is not divisible by {world} processes x "
+                        f"{cfg.grad_accum} accumulation steps")
+    micro = cfg.batch_size // (world * cfg.grad_accum)
+    sampler = ResumableBatches(len(dataset), micro, rank, world, cfg.grad_accum, cfg.seed,
+                               epoch, position)
+    data = iter(loader(dataset, sampler, cfg.num_workers))
+    first = (step, epoch * sampler.per_epoch + position)  # steps done, global batches consumed
+
+    net = model
+    if cfg.compile:
+        net = torch.compile(net)
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if cuda else None)
+    model.train()
+    stop = StopSignal()
+
+    def checkpoint(name):
+        barrier()
+        if rank == 0:
+            consumed = first[1] + step - first[0]
+            save_checkpoint(os.path.join(ckpt_dir, name), {
+                "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                "args": asdict(cfg), "steps": step, "model_kwargs": model_kwargs,
+                "data": {"epoch": consumed // sampler.per_epoch,
+                         "position": consumed % sampler.per_epoch}})
+        barrier()
+
+    # --- the loop ------------------------------------------------------------------------------
+    flops = train_flops_per_image(model, encoders)
+    peak = peak_flops(device)
+    sums = torch.zeros(3, device=device)  # loss, alignment, grad-norm over the log interval
+    timer, done_steps = time.perf_counter(), 0
+    log = open(os.path.join(run_dir, "metrics.jsonl"), "a") if rank == 0 and not cfg.bench else None
+    while step < cfg.max_steps:
+        for m in range(cfg.grad_accum):
+            # the RNG is a function of (seed, step, slot): resume and DDP need no saved RNG state,
+            # and the slot matches the data's, so 2 ranks x 1 equals 1 rank x 2 micro-batches
+            torch.manual_seed(cfg.seed * 1_000_003 + step * 4_096 + rank * cfg.grad_accum + m)
+            images, moments, labels = (t.to(device, non_blocking=True) for t in next(data))
+            with autocast:
+                zs = encode(encoders, images)  # y_* of eq. (8), frozen, no grad
+            mean, std = moments.chunk(2, dim=1)  # sample the VAE posterior, then scale
+            x = (mean + std * torch.randn_like(mean)) * dataset.latent_scale
+            # DDP all-reduces the gradients on the last micro-batch only
+            last = m == cfg.grad_accum - 1 or world == 1
+            with net.no_sync() if not last else contextlib.nullcontext():
+                with autocast:
+                    den, align = repa_loss(net, x, labels, zs, cfg.path_type, cfg.weighting)
+                    loss = den.mean() + cfg.proj_coeff * align  # eq. (9)
+                (loss / cfg.grad_accum).backward()
+            sums[:2] += torch.stack([den.mean(), align]).detach() / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        update_ema(ema, model, cfg.ema_decay)
+        sums[2] += grad_norm
+        step, done_steps = step + 1, done_steps + 1
+
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            # the one host-device sync of the interval
+            if world > 1:
+                torch.distributed.all_reduce(sums)
+                sums /= world
+            loss_, align_, gnorm = (sums / done_steps).tolist()
+            if not all(math.isfinite(v) for v in (loss_, align_, gnorm)):
+                raise UserError(f"non-finite loss at step {step} (loss {loss_}, alignment "
+                                f"{align_}); stopping, the last checkpoint is kept")
+            elapsed = time.perf_counter() - timer
+            per_gpu = done_steps * cfg.batch_size / world / elapsed
+            stats = dict(step=step, loss=round(loss_, 5), align=round(align_, 5),
+                         grad_norm=round(gnorm, 4), img_s=round(per_gpu * world, 1),
+                         img_s_per_device=round(per_gpu, 1))
+            if peak:
+                stats["mfu"] = round(per_gpu * flops / peak, 4)
+            if cuda:
+                stats["mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            print0(" ".join(f"{k} {v}" for k, v in stats.items()))
+            if log:
+                log.write(json.dumps(stats) + "\n")
+                log.flush()
+            sums.zero_()
+            timer, done_steps = time.perf_counter(), 0
+        if cfg.bench:
+            continue
+        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+            checkpoint(f"{step:07d}.pt")
+        elif step % cfg.latest_every == 0:
+            checkpoint("latest.pt")
+        if stop:
+            checkpoint("latest.pt")
+            print0(f"stopped by signal at step {step}; saved, resume with the same command")
+            return model, ema
+    return model, ema
+
+
+#################################################################################
+#                                  Command line                                 #
+#################################################################################
+
+def parse_args(argv=None):
+    """Flags generated from Config: --batch-size for batch_size, --no-compile for a bool, and the
+    comment after each field in Config is its help."""
+    import argparse
+    import dataclasses
+    import inspect
+    import re
+    helps = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(Config), re.M))
+    parser = argparse.ArgumentParser(description="REPA training (see the docstring of repa.py)")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=helps.get(f.name))
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default,
+                                help=helps.get(f.name, "") + f" (default {f.default})")
+    choices = dict(path_type=("linear", "cosine"), weighting=("uniform", "lognormal"),
+                   precision=("auto", "bf16", "fp32"))
+    args = parser.parse_args(argv)
+    for name, allowed in choices.items():
+        if getattr(args, name) not in allowed:
+            parser.error(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
+    cfg = Config(**vars(args))
+    if cfg.demo:  # the demo's own defaults, unless a flag was given explicitly
+        given = {a.split("=")[0][2:].replace("-", "_") for a in (argv or sys.argv[1:])
+                 if a.startswith("--")}
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in DEMO["config"].items()
+                                          if k not in given})
+    return cfg
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    try:
+        if cfg.prepare:
+            prepare(cfg.prepare, cfg.data_dir, cfg.resolution, cfg.vae)
+        else:
+            if cfg.bench:
+                cfg.max_steps, cfg.log_every = cfg.bench, max(1, cfg.bench // 2)
+            train(cfg)
+    except UserError as e:  # bad input: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
