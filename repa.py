@@ -360,6 +360,12 @@ class Encoder:
     def dim(self):
         return self.model.embed_dim
 
+    @property
+    def tokens(self):
+        """Patch tokens per image (without CLS and registers): 256 for a 16 x 16 grid."""
+        return (self.size // self.model.patch_embed.patch_size[0]) ** 2 \
+            if hasattr(self.model, "patch_embed") else (self.size // self.model.patch) ** 2
+
 
 def load_encoders(spec="dinov2-vit-b", resolution=256, device="cpu", **timm_kwargs):
     """Frozen encoders for a comma-separated spec such as "dinov2-vit-b,clip-vit-l".
@@ -606,7 +612,7 @@ def prepare(src, out, resolution=256, vae_name="stabilityai/sd-vae-ft-mse", shar
     bar.close()
     barrier()
     if rank == 0:
-        manifest = write_manifest(out, resolution, classes, vae_name)
+        manifest = write_manifest(out, len(chunks), resolution, classes, vae_name)
         print0(f"prepared {manifest['count']} images in {len(manifest['shards'])} shards at {out}; "
                f"{len(manifest['failed'])} unreadable" +
                "".join(f"\n  skipped {f}" for f in manifest["failed"]))
@@ -626,10 +632,10 @@ def write_shard(out, k, images, moments, labels, failed=()):
     os.replace(tmp, os.path.join(out, f"shard-{k:05d}"))
 
 
-def write_manifest(out, resolution, classes, vae_name):
+def write_manifest(out, n_shards, resolution, classes, vae_name):
     """manifest.json: the shards, their sizes and every unreadable file, written last."""
     import json
-    names = sorted(d for d in os.listdir(out) if d.startswith("shard-"))
+    names = [f"shard-{k:05d}" for k in range(n_shards)]
     shards = [{"name": d, "count": len(np.load(os.path.join(out, d, "labels.npy")))} for d in names]
     failed = [f for d in names for f in json.load(open(os.path.join(out, d, "failed.json")))]
     manifest = {"resolution": resolution, "vae": vae_name, "classes": classes,
@@ -786,6 +792,7 @@ class Config:
     demo: bool = False          # REPA on the built-in shapes dataset, on a CPU, in ~2 minutes
     bench: int = 0              # time this many steps on random data (no dataset, random encoders)
     prepare: str = ""           # ImageNet-style folder to turn into shards at --data-dir
+    bench_data: int = 0         # read this many samples from --data-dir, print samples/s
     # model and method
     model: str = "XL/2"         # S|B|L|XL / 2|4|8, or the official SiT-XL/2
     encoder_depth: int = 0      # block whose output is aligned (eq. 8); 0 = the size table's
@@ -849,11 +856,9 @@ def train_flops_per_image(model, encoders):
                     if "adaLN" not in n and not n.startswith(("t_embedder", "y_embedder", "pos")))
     flops = 3 * (2 * per_token * T + 4 * len(model.blocks) * T * T * D)
     for enc in encoders:
-        m = enc.model
-        tokens = (enc.size // getattr(m, "patch", enc.size // 16)) ** 2 if not hasattr(
-            m, "patch_embed") else m.patch_embed.num_patches + m.num_prefix_tokens
-        depth = len(getattr(m, "blocks", []))
-        params = sum(p.numel() for p in m.parameters())
+        tokens = enc.tokens + enc.model.num_prefix_tokens
+        params = sum(p.numel() for p in enc.model.parameters())
+        depth = len(getattr(enc.model, "blocks", []))
         flops += 2 * params * tokens + 4 * depth * tokens * tokens * enc.dim
     return flops
 
@@ -940,6 +945,30 @@ class RandomData(torch.utils.data.Dataset):
                 torch.randn(b, 8, r // 8, r // 8).abs_(), torch.randint(0, self.num_classes, (b,)))
 
 
+def bench_data(cfg):
+    """Reader throughput, as training reads it (DataLoader, workers, batches of --batch-size).
+    An empty --data-dir is first filled with random shards of the real shapes."""
+    import time
+    if not os.path.exists(os.path.join(cfg.data_dir, "manifest.json")):
+        os.makedirs(cfg.data_dir, exist_ok=True)
+        r, n = cfg.resolution, 5_000
+        rng = np.random.default_rng(0)
+        for k in range(4):
+            write_shard(cfg.data_dir, k, rng.integers(0, 256, (n, 3, r, r), np.uint8),
+                        rng.standard_normal((n, 8, r // 8, r // 8), np.float32),
+                        rng.integers(0, NUM_CLASSES, n))
+        write_manifest(cfg.data_dir, 4, r, [str(c) for c in range(NUM_CLASSES)], "random")
+    dataset = ShardDataset(cfg.data_dir)
+    data = iter(loader(dataset, ResumableBatches(len(dataset), cfg.batch_size, seed=cfg.seed),
+                       cfg.num_workers))
+    next(data)  # start the workers
+    start, seen = time.perf_counter(), 0
+    while seen < cfg.bench_data:
+        seen += len(next(data)[2])
+    print(f"reader: {seen / (time.perf_counter() - start):.0f} samples/s ({len(dataset)} samples, "
+          f"{dataset.resolution} px, batch {cfg.batch_size}, {cfg.num_workers} workers)")
+
+
 def git_revision():
     try:
         import subprocess
@@ -980,6 +1009,10 @@ def train(cfg):
     model_kwargs.update(z_dims=[e.dim for e in encoders], class_dropout_prob=cfg.cfg_prob,
                         qk_norm=cfg.qk_norm)
     model = SiT(**model_kwargs).to(device)
+    for enc in encoders:  # eq. (8) pairs SiT token n with encoder patch n
+        if enc.tokens != model.x_embedder.num_patches:
+            raise UserError(f"{enc.name} gives {enc.tokens} patch tokens but the SiT has "
+                            f"{model.x_embedder.num_patches}: use patch size 2 (or 1 token each)")
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # starts equal to the model
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                             eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=cuda)
@@ -1146,6 +1179,8 @@ def main(argv=None):
     try:
         if cfg.prepare:
             prepare(cfg.prepare, cfg.data_dir, cfg.resolution, cfg.vae)
+        elif cfg.bench_data:
+            bench_data(cfg)
         else:
             if cfg.bench:
                 cfg.max_steps, cfg.log_every = cfg.bench, max(1, cfg.bench // 2)

@@ -425,3 +425,162 @@ GOLDEN = {'xl2_keys_sha256': '341b9e369bd2b388e98bf15b89f7f9cf9200d29faf69bdda0d
                                              2.6113247871398926,
                                              3.533881425857544],
                                'proj': 0.007538554724305868}}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: ImageFolder -> shards (ADM crop, VAE moments) -> reader, resumable and robust; the
+# reader's order is seeded, split across ranks and resumable.
+# ---------------------------------------------------------------------------------------------
+def adm_center_crop(pil_image, image_size):
+    """The ADM definition (guided-diffusion image_datasets.py), written out as the reference."""
+    from PIL import Image
+    import numpy as np
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size),
+                                 resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y, crop_x = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[crop_y:crop_y + image_size, crop_x:crop_x + image_size]
+
+
+def test_center_crop_equals_adm_on_odd_sized_image():
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for w, h in [(1023, 517), (517, 1023), (257, 301)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        ours = repa.center_crop_adm(img, 256)
+        assert ours.shape == (256, 256, 3)
+        assert np.array_equal(ours, adm_center_crop(img, 256))
+
+
+def tiny_vae(path):
+    from diffusers.models import AutoencoderKL
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=8,
+                  latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2).save_pretrained(path)
+    return str(path)
+
+
+def image_folder(root, per_class=(3, 4, 2)):
+    """A tiny ImageNet-style folder with odd sizes, two formats and one corrupt file."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(1)
+    for c, n in enumerate(per_class):
+        os.makedirs(root / f"n{c:08d}")
+        for i in range(n):
+            size = (int(rng.integers(20, 60)), int(rng.integers(20, 60)))
+            Image.fromarray(rng.integers(0, 256, size + (3,), dtype=np.uint8)).save(
+                root / f"n{c:08d}" / f"img{i}.{'png' if i % 2 else 'jpg'}")
+    (root / "n00000001" / "broken.JPEG").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    return root
+
+
+def test_prepare_resumes_after_a_stop_and_reads_back(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+    src, out, vae = image_folder(tmp_path / "src"), tmp_path / "out", tiny_vae(tmp_path / "vae")
+    real_write, calls = repa.write_shard, []
+
+    def crash_on_third(out_dir, k, *args, **kw):  # a stop in the middle of writing shard 3
+        calls.append(k)
+        if len(calls) == 3:
+            os.makedirs(os.path.join(out_dir, f".shard-{k:05d}.tmp999"))
+            raise KeyboardInterrupt
+        real_write(out_dir, k, *args, **kw)
+
+    monkeypatch.setattr(repa, "write_shard", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        repa.prepare(str(src), str(out), resolution=16, vae_name=vae, shard_size=2)
+    assert sorted(d for d in os.listdir(out) if d.startswith("shard-")) == ["shard-00000",
+                                                                            "shard-00001"]
+    monkeypatch.setattr(repa, "write_shard", real_write)
+    written = []
+    monkeypatch.setattr(repa, "write_shard", lambda o, k, *a, **kw: (written.append(k),
+                                                                     real_write(o, k, *a, **kw)))
+    repa.prepare(str(src), str(out), resolution=16, vae_name=vae, shard_size=2)
+    assert written == [2, 3, 4]  # only the shards that were not whole are redone
+
+    data = repa.ShardDataset(str(out))
+    assert len(data) == 9 and data.num_classes == 3  # 10 files, one corrupt
+    import json
+    manifest = json.load(open(out / "manifest.json"))
+    assert len(manifest["failed"]) == 1 and "broken.JPEG" in manifest["failed"][0]
+    images, moments, labels = data.__getitems__(list(range(9)))
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1, 1, 2, 2]
+    assert images.dtype == torch.uint8 and images.shape == (9, 3, 16, 16)
+    assert moments.shape == (9, 8, 8, 8)  # the tiny VAE downsamples by 2
+    # each stored image is the ADM crop of its file, and its moments are the VAE posterior's
+    files = sorted((src / "n00000001").glob("img*"))
+    first = adm_center_crop(Image.open(files[0]).convert("RGB"), 16)
+    assert np.array_equal(images[3].permute(1, 2, 0).numpy(), first)
+    with torch.no_grad():
+        post = repa.load_vae(vae).encode(images[3:4].float() / 127.5 - 1).latent_dist
+    torch.testing.assert_close(moments[3:4], torch.cat([post.mean, post.std], 1))
+
+
+def run_repa(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(HERE, "repa.py"), *args],
+                          capture_output=True, text=True, env={**os.environ, **(env or {})},
+                          timeout=timeout, cwd=HERE)
+
+
+def test_prepare_errors_are_one_line_and_keep_what_was_written(tmp_path):
+    out = run_repa("--prepare", str(tmp_path / "missing"), "--data-dir", str(tmp_path / "o"))
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
+    assert "source folder not found" in out.stderr
+    src = image_folder(tmp_path / "src")
+    os.makedirs(src / "n00000009")
+    out = run_repa("--prepare", str(src), "--data-dir", str(tmp_path / "o"))
+    assert out.returncode == 2 and "hold no images" in out.stderr and "\n" not in out.stderr.strip()
+    os.rmdir(src / "n00000009")
+    # an output folder with something in it: no VAE offline must not touch it
+    done = tmp_path / "o" / "shard-00007"
+    os.makedirs(done)
+    (done / "labels.npy").write_bytes(b"kept")
+    out = run_repa("--prepare", str(src), "--data-dir", str(tmp_path / "o"),
+                   env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 2 and out.stderr.startswith("error: cannot load the VAE")
+    assert out.stderr.strip().count("\n") == 0
+    assert (done / "labels.npy").read_bytes() == b"kept"
+
+
+def test_reader_order_is_seeded_disjoint_and_resumable():
+    def take(sampler, k):
+        it = iter(sampler)
+        return [next(it) for _ in range(k)]
+    n, b = 100, 5
+    # 2 ranks x 1 micro-batch see exactly what 1 rank x 2 micro-batches sees, slot by slot
+    r0, r1 = (take(repa.ResumableBatches(n, b, rank=r, world=2, seed=3), 10) for r in (0, 1))
+    single = take(repa.ResumableBatches(n, b, accum=2, seed=3), 20)
+    assert single[0::2] == r0 and single[1::2] == r1
+    assert sorted(sum(single[:20], [])) == list(range(100))  # one epoch: every sample once
+    # resuming at (epoch, position) continues the same stream, across the epoch boundary
+    stream = take(repa.ResumableBatches(n, b, seed=3), 30)
+    resumed = take(repa.ResumableBatches(n, b, seed=3, epoch=1, position=3), 7)
+    assert resumed == stream[23:30]
+    assert stream[:20] != stream[20:40]  # a new permutation each epoch
+
+
+def test_reader_benchmark_prints_samples_per_second(tmp_path):
+    out = run_repa("--bench-data", "600", "--data-dir", str(tmp_path / "d"), "--resolution", "64",
+                   "--batch-size", "50", "--num-workers", "1")
+    assert out.returncode == 0, out.stderr
+    assert "samples/s" in out.stdout and float(out.stdout.split()[1]) > 0
+
+
+def test_demo_dataset_is_class_conditional_and_in_the_reader_format():
+    data = repa.DemoDataset(n=200)
+    images, moments, labels = data.__getitems__(list(range(200)))
+    assert images.shape == (200, 3, 32, 32) and moments.shape == (200, 6, 32, 32)
+    assert set(labels.tolist()) == set(range(10))
+    torch.testing.assert_close(moments[:, :3], images.float() / 127.5 - 1)
+    assert moments[:, 3:].abs().sum() == 0
+    # a class is a shape: the foreground area differs between classes far more than within
+    area = (images.float().mean(1) > 100).float().mean((1, 2))
+    per_class = torch.stack([area[labels == c].mean() for c in range(10)])
+    assert per_class.max() > 2 * per_class.min()
