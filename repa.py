@@ -1008,6 +1008,7 @@ def train(cfg):
             model_kwargs["encoder_depth"] = cfg.encoder_depth
     model_kwargs.update(z_dims=[e.dim for e in encoders], class_dropout_prob=cfg.cfg_prob,
                         qk_norm=cfg.qk_norm)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run
     model = SiT(**model_kwargs).to(device)
     for enc in encoders:  # eq. (8) pairs SiT token n with encoder patch n
         if enc.tokens != model.x_embedder.num_patches:
@@ -1028,6 +1029,8 @@ def train(cfg):
         load_sit_weights(model, ckpt["model"])
         load_sit_weights(ema, ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
+        for group in opt.param_groups:  # the command line, not the checkpoint, sets these
+            group.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
         step = ckpt["steps"]
         epoch, position = ckpt["data"]["epoch"], ckpt["data"]["position"]
         print0(f"resumed from {path} at step {step}")

@@ -584,3 +584,152 @@ def test_demo_dataset_is_class_conditional_and_in_the_reader_format():
     area = (images.float().mean(1) > 100).float().mean((1, 2))
     per_class = torch.stack([area[labels == c].mean() for c in range(10)])
     assert per_class.max() > 2 * per_class.min()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: DDP equals accumulation; a resume (also after SIGTERM) continues exactly;
+# checkpoints are atomic and in the official layout; bad input is one clear line.
+# ---------------------------------------------------------------------------------------------
+DEMO_FAST = ["--demo", "--batch-size", "16", "--log-every", "1"]
+
+
+def weights(path):
+    ckpt = repa.load_checkpoint(str(path))
+    return ckpt, {**{"model." + k: v for k, v in ckpt["model"].items()},
+                  **{"ema." + k: v for k, v in ckpt["ema"].items()}}
+
+
+def test_one_ddp_step_on_two_processes_equals_accumulation(tmp_path):
+    a = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        "--master_port=29517", os.path.join(HERE, "repa.py"), *DEMO_FAST,
+                        "--max-steps", "2", "--results-dir", str(tmp_path / "ddp")],
+                       capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert a.returncode == 0, a.stderr[-2000:]
+    b = run_repa(*DEMO_FAST, "--max-steps", "2", "--grad-accum", "2",
+                 "--results-dir", str(tmp_path / "one"))
+    assert b.returncode == 0, b.stderr[-2000:]
+    _, wa = weights(tmp_path / "ddp" / "demo" / "checkpoints" / "0000002.pt")
+    _, wb = weights(tmp_path / "one" / "demo" / "checkpoints" / "0000002.pt")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_resume_is_exact(tmp_path):
+    full = run_repa(*DEMO_FAST, "--max-steps", "6", "--results-dir", str(tmp_path / "full"))
+    half = run_repa(*DEMO_FAST, "--max-steps", "3", "--results-dir", str(tmp_path / "half"))
+    rest = run_repa(*DEMO_FAST, "--max-steps", "6", "--results-dir", str(tmp_path / "half"))
+    assert full.returncode == half.returncode == rest.returncode == 0, rest.stderr[-2000:]
+    assert "resumed from" in rest.stdout and "at step 3" in rest.stdout
+    ca, wa = weights(tmp_path / "full" / "demo" / "checkpoints" / "0000006.pt")
+    cb, wb = weights(tmp_path / "half" / "demo" / "checkpoints" / "0000006.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert ca["data"] == cb["data"] and ca["steps"] == cb["steps"] == 6
+    sa, sb = ca["opt"]["state"], cb["opt"]["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+
+
+def test_sigterm_saves_exits_zero_and_resumes_like_an_unbroken_run(tmp_path):
+    import signal
+    import time
+    args = [sys.executable, os.path.join(HERE, "repa.py"), *DEMO_FAST, "--max-steps", "20"]
+    proc = subprocess.Popen(args + ["--results-dir", str(tmp_path / "cut")], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # wait until it is really training
+        if line.startswith("step 5 "):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by signal" in out
+    ckpt, _ = weights(tmp_path / "cut" / "demo" / "checkpoints" / "latest.pt")
+    assert 5 <= ckpt["steps"] < 20
+    rest = subprocess.run(args + ["--results-dir", str(tmp_path / "cut")], cwd=HERE,
+                          capture_output=True, text=True, timeout=300)
+    assert rest.returncode == 0 and f"at step {ckpt['steps']}" in rest.stdout
+    whole = subprocess.run(args + ["--results-dir", str(tmp_path / "whole")], cwd=HERE,
+                           capture_output=True, text=True, timeout=300)
+    _, wa = weights(tmp_path / "cut" / "demo" / "checkpoints" / "0000020.pt")
+    _, wb = weights(tmp_path / "whole" / "demo" / "checkpoints" / "0000020.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "latest.pt")
+    repa.save_checkpoint(path, {"steps": 1, "w": torch.ones(3)})
+
+    def dies_mid_write(obj, f):  # like a SIGKILL halfway through the write
+        f.write(b"half a checkpoint")
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(torch, "save", dies_mid_write)
+    with pytest.raises(SystemExit):
+        repa.save_checkpoint(path, {"steps": 2, "w": torch.zeros(3)})
+    assert repa.load_checkpoint(path)["steps"] == 1
+
+
+def test_sigkill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
+    import signal
+    import time
+    code = ("import sys, torch, repa\n"
+            "repa.save_checkpoint(sys.argv[1], {'steps': 1})\n"
+            "print('saved', flush=True)\n"
+            "repa.save_checkpoint(sys.argv[1], {'steps': 2, 'w': torch.zeros(2**28)})\n")
+    path = tmp_path / "latest.pt"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=HERE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "saved"
+    time.sleep(0.3)  # inside the 1 GB write
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert repa.load_checkpoint(str(path))["steps"] == 1
+
+
+def test_official_checkpoint_layout_loads_with_weights_only(tmp_path):
+    import argparse
+    model = fill_(tiny_model())
+    official = {"model": model.state_dict(), "ema": model.state_dict(), "opt": {}, "steps": 7,
+                "args": argparse.Namespace(model="SiT-XL/2", enc_type="dinov2-vit-b")}
+    torch.save(official, tmp_path / "0000007.pt")
+    ckpt = repa.load_checkpoint(str(tmp_path / "0000007.pt"))  # weights_only=True inside
+    assert ckpt["args"].model == "SiT-XL/2" and ckpt["steps"] == 7
+    repa.load_sit_weights(tiny_model(), ckpt["ema"])
+
+
+def test_resume_from_a_checkpoint_for_another_model_is_one_line(tmp_path):
+    other = tmp_path / "other.pt"
+    model = tiny_model()
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "opt": {}, "steps": 1,
+                "data": {"epoch": 0, "position": 0}}, other)
+    out = run_repa(*DEMO_FAST, "--max-steps", "2", "--resume", str(other),
+                   "--results-dir", str(tmp_path / "r"))
+    assert out.returncode == 2 and out.stderr.startswith("error: checkpoint does not fit")
+    assert out.stderr.strip().count("\n") == 0
+
+
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path):
+    ok = run_repa(*DEMO_FAST, "--max-steps", "2", "--results-dir", str(tmp_path))
+    assert ok.returncode == 0
+    out = run_repa(*DEMO_FAST, "--max-steps", "10", "--lr", "1e30",
+                   "--results-dir", str(tmp_path))
+    assert out.returncode == 2 and "non-finite loss" in out.stderr
+    ckpts = os.listdir(tmp_path / "demo" / "checkpoints")
+    assert ckpts == ["0000002.pt"]
+    assert repa.load_checkpoint(str(tmp_path / "demo" / "checkpoints" / "0000002.pt"))["steps"] == 2
+
+
+def test_flags_are_generated_from_the_config():
+    cfg = repa.parse_args(["--batch-size", "32", "--no-qk-norm", "--path-type", "cosine"])
+    assert cfg.batch_size == 32 and cfg.path_type == "cosine" and cfg.lr == 1e-4
+    assert (cfg.ema_decay, cfg.proj_coeff, cfg.max_steps, cfg.enc_type) == (
+        0.9999, 0.5, 400_000, "dinov2-vit-b")
+    with pytest.raises(SystemExit):
+        repa.parse_args(["--weighting", "logit"])
+    demo = repa.parse_args(["--demo", "--max-steps", "7"])
+    assert demo.max_steps == 7 and demo.batch_size == repa.DEMO["config"]["batch_size"]
+
+
+def test_bench_runs_on_random_data_without_weights():
+    out = run_repa("--bench", "2", "--model", "S/2", "--batch-size", "2", "--enc-type",
+                   "dinov2-vit-s", "--num-workers", "0", "--resolution", "256")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "img_s" in out.stdout.splitlines()[-1]
