@@ -23,7 +23,12 @@ Glossary: h_phi = projector (one per encoder); encoder_depth = the block whose o
 
 Commands
 --------
-  pip install -r requirements.txt && python -m pytest -q test_repa.py      # set up and test
+  pip install -r requirements.txt && python -m pytest -q test_repa.py       # set up and test
+  python repa.py --demo                              # REPA on built-in shapes, CPU, ~2 minutes
+  torchrun --nproc_per_node=8 repa.py --prepare IMAGENET/train --data-dir data/imagenet256
+  torchrun --nproc_per_node=8 repa.py --model XL/2 --data-dir data/imagenet256   # the paper
+  python repa.py --bench 30 --model XL/2 --batch-size 64 --compile   # img/s and MFU, no data
+  python sample.py --ckpt results/repa/checkpoints/0400000.pt        # a grid of samples
 """
 import contextlib
 import math

@@ -733,3 +733,16 @@ def test_bench_runs_on_random_data_without_weights():
                    "dinov2-vit-s", "--num-workers", "0", "--resolution", "256")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "img_s" in out.stdout.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_demo_trains_and_both_losses_fall(tmp_path):
+    import json
+    out = run_repa("--demo", "--results-dir", str(tmp_path), timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "not a pretrained encoder" in out.stdout  # the demo says what it aligns to
+    rows = [json.loads(l) for l in open(tmp_path / "demo" / "metrics.jsonl")]
+    first, last = rows[0], rows[-1]
+    assert last["step"] == repa.DEMO["config"]["max_steps"]
+    assert last["loss"] < 0.8 * first["loss"] and last["align"] < first["align"] - 0.1
+    assert os.path.isfile(tmp_path / "demo" / "checkpoints" / f"{last['step']:07d}.pt")
