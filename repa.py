@@ -347,8 +347,7 @@ ENCODER_FAMILIES = {
                   IMAGENET_MEAN, IMAGENET_STD),
     # DINOv3 has patch 16 and rotary positions: 256 px gives the 16 x 16 grid with no resize
     "dinov3": (lambda s: f"vit_{_VIT[s]}_patch16_dinov3.lvd1689m", 256, IMAGENET_MEAN, IMAGENET_STD),
-    "clip": (lambda s: "vit_large_patch14_clip_224.openai" if s == "l" else None, 224,
-             CLIP_MEAN, CLIP_STD),
+    "clip": (lambda s: "vit_large_patch14_clip_224.openai", 224, CLIP_MEAN, CLIP_STD),
 }
 ENCODER_SIZES = {"dinov2": "sblg", "dinov2reg": "sblg", "dinov3": "sbl", "clip": "l"}
 
@@ -452,9 +451,10 @@ def _hub_folder(repo_id):
 def encode(encoders, images):
     """uint8 images (B, 3, H, W) -> a list of patch features (B, N, D_k), one per encoder.
 
-    Preprocessing as in the official code: x / 255, normalise, bicubic resize (for DINOv2,
-    normalise first, then resize). The features are the final-norm patch tokens, with the CLS and
-    register tokens dropped (DINOv2's x_norm_patchtokens)."""
+    Preprocessing as in the official code: x / 255, normalise, bicubic resize. (The official
+    resizes CLIP's input before normalising; the order does not matter, since bicubic weights sum
+    to 1 and the normalisation is affine per channel.) The features are the final-norm patch
+    tokens, with the CLS and register tokens dropped (DINOv2's x_norm_patchtokens)."""
     out = []
     for enc in encoders:
         x = images.float() / 255
