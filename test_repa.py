@@ -10,10 +10,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 import repa
+import sample
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -435,7 +437,6 @@ GOLDEN = {'xl2_keys_sha256': '341b9e369bd2b388e98bf15b89f7f9cf9200d29faf69bdda0d
 def adm_center_crop(pil_image, image_size):
     """The ADM definition (guided-diffusion image_datasets.py), written out as the reference."""
     from PIL import Image
-    import numpy as np
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
     scale = image_size / min(*pil_image.size)
@@ -447,7 +448,6 @@ def adm_center_crop(pil_image, image_size):
 
 
 def test_center_crop_equals_adm_on_odd_sized_image():
-    import numpy as np
     from PIL import Image
     rng = np.random.default_rng(0)
     for w, h in [(1023, 517), (517, 1023), (257, 301)]:
@@ -468,7 +468,6 @@ def tiny_vae(path):
 
 def image_folder(root, per_class=(3, 4, 2)):
     """A tiny ImageNet-style folder with odd sizes, two formats and one corrupt file."""
-    import numpy as np
     from PIL import Image
     rng = np.random.default_rng(1)
     for c, n in enumerate(per_class):
@@ -482,7 +481,6 @@ def image_folder(root, per_class=(3, 4, 2)):
 
 
 def test_prepare_resumes_after_a_stop_and_reads_back(tmp_path, monkeypatch):
-    import numpy as np
     from PIL import Image
     src, out, vae = image_folder(tmp_path / "src"), tmp_path / "out", tiny_vae(tmp_path / "vae")
     real_write, calls = repa.write_shard, []
@@ -736,6 +734,397 @@ def test_bench_runs_on_random_data_without_weights():
     assert "img_s" in out.stdout.splitlines()[-1]
 
 
+# =============================================================================================
+# sample.py
+#   1. Given the exact velocity of a Gaussian data distribution, the ODE lands on the target (Euler
+#      first order, Heun second order) and the SDE reaches its mean and covariance within sampling
+#      error, for the linear and the cosine path.
+#   2. Guidance switches on and off at the right t, with the null label num_classes, as
+#      uncond + w (cond - uncond).
+#   3. All eight official sampler runs (ODE Euler/Heun, SDE; with and without CFG and interval;
+#      both paths) are reproduced to 1e-5, with the same model calls and the same RNG draws.
+#   4. End to end: checkpoints in three layouts load; 2 gloo processes write PNGs and an .npz,
+#      and a restart redoes only what is missing, bit for bit; a pixel-space grid; one-line errors.
+# =============================================================================================
+# ---------------------------------------------------------------------------------------------
+# Samplers on a known target: data ~ N(mu, diag(s^2)). Then x_t ~ N(alpha mu, V) per dimension
+# with V = alpha^2 s^2 + sigma^2, and the exact velocity E[v | x_t = x] is
+#     v(x, t) = alpha' mu + (alpha alpha' s^2 + sigma sigma') (x - alpha mu) / V,
+# the time derivative of the affine map x_t = alpha mu + sqrt(V) xi. Its flow carries noise z
+# (t = 1) to mu + s z (t = 0) exactly, so the ODE can be checked sample by sample.
+# ---------------------------------------------------------------------------------------------
+MU = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64).view(1, 4, 1, 1)
+STD = torch.tensor([0.5, 1.0, 1.5, 2.0], dtype=torch.float64).view(1, 4, 1, 1)
+
+
+class GaussianVelocity(torch.nn.Module):
+    """The model's call signature, (x, t, y) -> (v, []), with the closed-form velocity."""
+    num_classes = 10
+
+    def __init__(self, path_type):
+        super().__init__()
+        self.path_type = path_type
+
+    def forward(self, x, t, y):
+        a, s, da, ds = repa.interpolant(t.double().view(-1, 1, 1, 1), self.path_type)
+        var = a ** 2 * STD ** 2 + s ** 2
+        v = da * MU + (a * da * STD ** 2 + s * ds) * (x - a * MU) / var
+        return v.to(x.dtype), []
+
+
+def whitened_noise(n, seed=0):
+    """n samples whose empirical mean is 0 and covariance I exactly, shaped (n, 4, 1, 1)."""
+    z = torch.randn(n, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    z = z - z.mean(0)
+    chol = torch.linalg.cholesky(torch.cov(z.T))
+    return torch.linalg.solve_triangular(chol, z.T, upper=False).T.reshape(n, 4, 1, 1)
+
+
+@pytest.mark.parametrize("path_type", ["linear", "cosine"])
+def test_ode_carries_noise_to_gaussian_target(path_type):
+    z = whitened_noise(4096)  # float64 latents: the model sees float64 x and t
+    y = torch.zeros(4096, dtype=torch.long)
+    x = sample.sample_ode(GaussianVelocity(path_type), z, y, num_steps=100, heun=True,
+                          path_type=path_type)
+    assert x.dtype == torch.float64
+    flat = x.view(-1, 4)
+    # the exact flow is affine per dimension, so exact input moments give exact target moments
+    torch.testing.assert_close(flat.mean(0), MU.view(4), rtol=0, atol=1e-3)
+    torch.testing.assert_close(torch.cov(flat.T), torch.diag(STD.view(4) ** 2), rtol=0, atol=1e-3)
+    torch.testing.assert_close(x, MU + STD * z, rtol=0, atol=1e-3)  # and sample by sample
+
+
+@pytest.mark.parametrize("path_type", ["linear", "cosine"])
+def test_euler_is_first_order_and_heun_second_order(path_type):
+    z, y = whitened_noise(256), torch.zeros(256, dtype=torch.long)
+    model = GaussianVelocity(path_type)
+
+    def error(steps, heun):
+        x = sample.sample_ode(model, z, y, num_steps=steps, heun=heun)
+        return (x - (MU + STD * z)).abs().max().item()
+
+    # halving the step halves Euler's error and quarters Heun's (its last step is Euler, whose
+    # local error is also O(h^2), so the order stays 2)
+    assert 1.8 < error(50, False) / error(100, False) < 2.2
+    assert 3.5 < error(50, True) / error(100, True) < 4.5
+    assert error(100, True) < 1e-3 < error(100, False)
+
+
+def sde_moment_errors(velocity_path, score_path, n=8000, steps=200):
+    """The largest |error| / standard error over the SDE output's means, variances and
+    covariances. Standard errors: s / sqrt(n) for a mean, s^2 sqrt(2 / n) for a variance and
+    s_i s_j / sqrt(n) for a covariance."""
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(n, 4, 1, 1, generator=g, dtype=torch.float64)
+    x = sample.sample_sde(GaussianVelocity(velocity_path), z, torch.zeros(n, dtype=torch.long),
+                          num_steps=steps, path_type=score_path, generator=g).view(n, 4)
+    std, cov = STD.view(4), torch.cov(x.T)
+    mean = (x.mean(0) - MU.view(4)).abs() / (std / math.sqrt(n))
+    var = (cov.diagonal() / std ** 2 - 1).abs() / math.sqrt(2 / n)
+    off = (cov - torch.diag(cov.diagonal())).abs() / (std[:, None] * std[None] / math.sqrt(n))
+    return max(mean.max().item(), var.max().item(), off.max().item())
+
+
+@pytest.mark.parametrize("path_type", ["linear", "cosine"])
+def test_sde_reaches_gaussian_moments(path_type):
+    # n = 8000 x 4 numbers: below torch's threshold for multithreading, fast on a busy CPU. The
+    # solver's own biases are below one standard error here: the noise stops at t = 0.04 (a
+    # posterior variance of ~0.0017 is left), and on the cosine path the last mean step leaves a
+    # bias of about (1 - alpha_0.04) mu, as in the official sampler.
+    assert sde_moment_errors(path_type, path_type) < 5
+    # and the check has teeth: the score of the other path (a wrong drift) fails it by far
+    assert sde_moment_errors(path_type, {"linear": "cosine", "cosine": "linear"}[path_type]) > 20
+
+
+def test_sde_generator_equals_seeded_global_rng():
+    model, z, y = GaussianVelocity("linear"), whitened_noise(64), torch.zeros(64, dtype=torch.long)
+    torch.manual_seed(5)
+    a = sample.sample_sde(model, z, y, num_steps=10)
+    state = torch.get_rng_state()
+    b = sample.sample_sde(model, z, y, num_steps=10, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and torch.equal(state, torch.get_rng_state())  # global RNG untouched
+
+
+# ---------------------------------------------------------------------------------------------
+# Guidance: on only inside [guidance_low, guidance_high] (both ends included), decided at t_cur
+# for Heun's corrector; null label = num_classes; result = uncond + w (cond - uncond).
+# ---------------------------------------------------------------------------------------------
+class Recorder(torch.nn.Module):
+    """Returns v = label id everywhere and records (batch, t, labels) of each call."""
+    num_classes = 10
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, t, y):
+        assert x.dtype == t.dtype == torch.float32 and (t == t[0]).all()
+        self.calls.append((x.shape[0], round(t[0].item(), 6), y.tolist()))
+        return y.to(x.dtype).view(-1, 1, 1, 1).expand_as(x).clone(), []
+
+
+def test_velocity_combines_cond_and_null():
+    model, x, y = Recorder(), torch.zeros(2, 1, 2, 2, dtype=torch.float64), torch.tensor([3, 5])
+    v = sample.velocity(model, x, 0.5, y, cfg_scale=1.5)
+    assert model.calls == [(4, 0.5, [3, 5, 10, 10])]  # [cond; null], null = num_classes, not 1000
+    expected = 10 + 1.5 * (torch.tensor([3.0, 5.0]) - 10)
+    assert v.dtype == torch.float64 and torch.equal(v[:, 0, 0, 0], expected.double())
+    assert torch.equal(sample.velocity(model, x, 0.5, y, cfg_scale=1.0)[:, 0, 0, 0],
+                       torch.tensor([3.0, 5.0], dtype=torch.float64))  # cfg 1: no null call
+
+
+def test_guidance_interval_switches_at_the_right_t():
+    x, y = torch.zeros(2, 1, 2, 2), torch.tensor([3, 5])
+    model = Recorder()
+    sample.sample_ode(model, x, y, num_steps=5, heun=True, cfg_scale=1.5, guidance_low=0.2,
+                      guidance_high=0.7)
+    # (t, guided) of each call: predictor at t_cur, corrector at t_next decided at t_cur; the
+    # corrector into 0.6 follows t_cur = 0.8 (unguided); 0.2 is inside [0.2, 0.7]
+    assert [(t, b == 4) for b, t, _ in model.calls] == [
+        (1.0, False), (0.8, False), (0.8, False), (0.6, False), (0.6, True), (0.4, True),
+        (0.4, True), (0.2, True), (0.2, True)]
+    assert all(labels == [3, 5, 10, 10] for b, _, labels in model.calls if b == 4)
+    model = Recorder()
+    sample.sample_sde(model, x, y, num_steps=5, cfg_scale=1.8, guidance_low=0.0,
+                      guidance_high=0.7)  # the paper's interval on the grid 1, .76, .52, .28, .04
+    assert [(t, b == 4) for b, t, _ in model.calls] == [
+        (1.0, False), (0.76, False), (0.52, True), (0.28, True), (0.04, True)]
+    model = Recorder()
+    sample.sample_ode(model, x, y, num_steps=5, cfg_scale=3.0, guidance_low=0.4, guidance_high=0.4)
+    assert [b for b, _, _ in model.calls] == [2, 2, 2, 4, 2]  # a point interval, inclusive
+
+
+# ---------------------------------------------------------------------------------------------
+# Golden: the official euler_sampler / euler_maruyama_sampler on the tiny filled model, latents
+# from seed 4, y = [3, 5], torch.manual_seed(5) before each call, 5 steps. checks() of the
+# output, the batch of each model call (4 = guided), and the number of randn draws.
+# ---------------------------------------------------------------------------------------------
+ODE_CALL_T = {False: [1.0, 0.8, 0.6, 0.4, 0.2], True: [1.0, 0.8, 0.8, 0.6, 0.6, 0.4, 0.4, 0.2, 0.2]}
+SDE_CALL_T = [1.0, 0.76, 0.52, 0.28, 0.04]
+SAMPLER_GOLDEN = {
+    'ode_euler_cfg1': dict(
+        solver='ode', heun=False, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
+        path_type='linear', batches=[2, 2, 2, 2, 2], n_randn=0,
+        out=dict(sum=72.14167474177665, sumsq=918.0312049647519, wsum=-11.831680749127386,
+                 first=[-0.36472703814506524, 0.698860454559326, -0.3499200738966465,
+                        0.026925592124462133, 0.6100190952420235, 0.38724756240844727])),
+    'ode_heun_cfg1': dict(
+        solver='ode', heun=True, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
+        path_type='linear', batches=[2, 2, 2, 2, 2, 2, 2, 2, 2], n_randn=0,
+        out=dict(sum=69.12490045768209, sumsq=924.2424114149604, wsum=-13.599581920366035,
+                 first=[-0.3392477065324784, 0.7410391569137572, -0.30525910314172505,
+                        0.11740511804819108, 0.5983603790402412, 0.472902062535286])),
+    'ode_euler_cfg1.5_0_1': dict(
+        solver='ode', heun=False, cfg_scale=1.5, guidance_low=0.0, guidance_high=1.0,
+        path_type='linear', batches=[4, 4, 4, 4, 4], n_randn=0,
+        out=dict(sum=72.26349230795167, sumsq=927.1106734135874, wsum=-10.573145955204025,
+                 first=[-0.37733578383922584, 0.6452164649963379, -0.341724806651473,
+                        0.05808240473270417, 0.6701268568634986, 0.45665580183267596])),
+    'ode_heun_cfg1.5_0.2_0.7': dict(
+        solver='ode', heun=True, cfg_scale=1.5, guidance_low=0.2, guidance_high=0.7,
+        path_type='linear', batches=[2, 2, 2, 2, 4, 4, 4, 4, 4], n_randn=0,
+        out=dict(sum=68.87379200798459, sumsq=928.3623606402875, wsum=-12.935884185612226,
+                 first=[-0.3391576677560806, 0.7119437247514724, -0.28247501645237205,
+                        0.14512022808194164, 0.651274611055851, 0.5160883277654648])),
+    'ode_heun_cfg1.5_0_1_cosine': dict(
+        solver='ode', heun=True, cfg_scale=1.5, guidance_low=0.0, guidance_high=1.0,
+        path_type='cosine', batches=[4, 4, 4, 4, 4, 4, 4, 4, 4], n_randn=0,
+        out=dict(sum=69.26971183256245, sumsq=933.363525600964, wsum=-12.525933819604537,
+                 first=[-0.34937391132116324, 0.6845543265342712, -0.29235296994447707,
+                        0.15466789528727531, 0.6618720635771751, 0.546498716622591])),
+    'sde_cfg1': dict(
+        solver='sde', heun=False, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
+        path_type='linear', batches=[2, 2, 2, 2, 2], n_randn=4,
+        out=dict(sum=86.7994006722302, sumsq=693.6176244807281, wsum=-10.89076529036706,
+                 first=[1.8213420583127242, 0.3008722464688798, 0.5311631717849749,
+                        -0.04242640134986328, 1.3517252267879254, 0.1976906072574014])),
+    'sde_cfg1.8_0_0.7': dict(
+        solver='sde', heun=False, cfg_scale=1.8, guidance_low=0.0, guidance_high=0.7,
+        path_type='linear', batches=[2, 2, 4, 4, 4], n_randn=4,
+        out=dict(sum=88.00022021771665, sumsq=702.7221727824791, wsum=-10.790372516408246,
+                 first=[1.8728023896529646, 0.305766011844185, 0.6852102754883744,
+                        0.09351120099156728, 1.5309992480429913, 0.28642002264473043])),
+    'sde_cfg1.8_0_1_cosine': dict(
+        solver='sde', heun=False, cfg_scale=1.8, guidance_low=0.0, guidance_high=1.0,
+        path_type='cosine', batches=[4, 4, 4, 4, 4], n_randn=4,
+        out=dict(sum=100.47958858263766, sumsq=1064.0089643639808, wsum=-8.845435770665674,
+                 first=[2.024710880290387, 0.24768198194429572, 0.7192445903481892,
+                        -0.17551778509092436, 1.9722951356765257, 0.11851561304411937])),
+}
+
+
+@pytest.mark.parametrize("name", list(SAMPLER_GOLDEN))
+def test_samplers_equal_official(name, monkeypatch):
+    spec = dict(SAMPLER_GOLDEN[name])
+    solver = sample.sample_ode if spec.pop("solver") == "ode" else sample.sample_sde
+    batches, n_randn, expected = spec.pop("batches"), spec.pop("n_randn"), spec.pop("out")
+    model = fill_(tiny_model()).eval()
+    g = torch.Generator().manual_seed(4)
+    z, y = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([3, 5])
+    events, randn, forward = [], torch.randn, model.forward
+
+    def traced_randn(*args, **kw):
+        events.append(("randn", None, None))
+        out = randn(*args, **kw)
+        assert out.dtype == torch.float64 and out.shape == z.shape
+        return out
+
+    def traced_forward(x, t, labels):
+        events.append(("model", x.shape[0], t[0].item()))
+        assert x.dtype == t.dtype == torch.float32
+        return forward(x, t, labels)
+
+    monkeypatch.setattr(torch, "randn", traced_randn)
+    monkeypatch.setattr(model, "forward", traced_forward)
+    torch.manual_seed(5)
+    out = solver(model, z, y, num_steps=5, **spec)
+    assert out.dtype == torch.float64 and out.shape == z.shape
+    assert_golden(out, expected)
+    calls = [(b, t) for kind, b, t in events if kind == "model"]
+    times = ODE_CALL_T[spec["heun"]] if solver is sample.sample_ode else SDE_CALL_T
+    assert [b for b, _ in calls] == batches
+    assert [t for _, t in calls] == torch.tensor(times, dtype=torch.float32).tolist()
+    # the SDE draws before each noisy step's model call, and not for the last step
+    kinds = [kind for kind, _, _ in events]
+    assert kinds == (["randn", "model"] * n_randn + ["model"] if n_randn else
+                     ["model"] * len(calls))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints, files and the command line: three layouts load, a 2-process FID run writes PNGs
+# and an .npz and resumes exactly, a pixel-space grid, and one-line errors.
+# ---------------------------------------------------------------------------------------------
+def save_ours(path, **model_kwargs):
+    kwargs = {**TINY, "z_dims": [32], "num_classes": 10, **model_kwargs}
+    model = fill_(repa.SiT(**kwargs))
+    ema = {k: v + 0.01 for k, v in model.state_dict().items()}  # distinguishable from "model"
+    torch.save({"model": model.state_dict(), "ema": ema, "opt": {}, "steps": 7,
+                "args": {"path_type": "linear", "resolution": 16, "enc_type": "dinov2-vit-b"},
+                "model_kwargs": kwargs}, path)
+    return model, ema
+
+
+def test_checkpoint_layouts_load(tmp_path):
+    import argparse
+    model, ema = save_ours(tmp_path / "ours.pt")
+    loaded, info = sample.load_checkpoint(str(tmp_path / "ours.pt"))
+    assert not loaded.training
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ema.items())
+    assert info["format"] == "ours" and info["steps"] == 7 and not info["pixel_space"]
+    raw, _ = sample.load_checkpoint(str(tmp_path / "ours.pt"), use_ema=False)
+    assert torch.equal(raw.final_layer.linear.weight, model.final_layer.linear.weight)
+    # the official layout: args is an argparse.Namespace; the encoder widths come from the weights
+    official = repa.SiT(**repa.SIZES["S/8"], input_size=4, num_classes=10, z_dims=[24, 40])
+    args = argparse.Namespace(model="SiT-S/8", resolution=32, encoder_depth=4, num_classes=10,
+                              qk_norm=False, path_type="cosine", enc_type="a,b", cfg_prob=0.1)
+    torch.save({"model": official.state_dict(), "ema": official.state_dict(), "opt": {},
+                "args": args, "steps": 3}, tmp_path / "official.pt")
+    loaded, info = sample.load_checkpoint(str(tmp_path / "official.pt"))
+    assert info["format"] == "official" and info["path_type"] == "cosine"
+    assert [p[-1].out_features for p in loaded.projectors] == [24, 40]
+    with pytest.raises(repa.UserError, match="disagrees with the checkpoint"):
+        sample.load_checkpoint(str(tmp_path / "official.pt"), model="B/8")
+    # a plain state dict with the legacy decoder_blocks naming of the released last.pt
+    legacy = {(f"decoder_blocks.{int(k.split('.')[1]) - 4}.{k.split('.', 2)[2]}"
+               if k.startswith("blocks.") and int(k.split(".")[1]) >= 4 else k): v
+              for k, v in official.state_dict().items()}
+    torch.save(legacy, tmp_path / "last.pt")
+    loaded, info = sample.load_checkpoint(str(tmp_path / "last.pt"), model="S/8", resolution=32,
+                                          encoder_depth=4)
+    assert info["format"] == "plain" and loaded.num_classes == 10
+    assert torch.equal(loaded.blocks[11].mlp.fc2.bias, official.blocks[11].mlp.fc2.bias)
+    # a wrong size is one clear line
+    with pytest.raises(repa.UserError) as e:
+        sample.load_checkpoint(str(tmp_path / "last.pt"), model="S/4", resolution=32,
+                               encoder_depth=4)
+    assert "does not fit" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(tmp_path / "none.pt")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == f"error: checkpoint {tmp_path / 'none.pt'} not found\n"
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(repa.UserError, match="cannot read checkpoint"):
+        sample.load_checkpoint(str(tmp_path / "bad.pt"))
+
+
+def test_pixel_space_grid(tmp_path):
+    from PIL import Image
+    save_ours(tmp_path / "demo.pt", in_channels=3, input_size=16, patch_size=4)
+    argv = ["--ckpt", str(tmp_path / "demo.pt"), "--sample-dir", str(tmp_path), "--num-steps",
+            "8"]
+    sample.main(argv)
+    (path,) = [p for p in os.listdir(tmp_path) if p.endswith("-grid.png")]
+    grid = np.asarray(Image.open(tmp_path / path))
+    # 8 rows (classes 0-7 of 10) x 4 columns of 16 px images shown at 64 px, a 48 px label margin
+    assert grid.shape == (8 * 66, 48 + 4 * 66, 3)
+    assert (grid[:, :48] < 128).any()  # the class ids are written in the margin
+    # the tiles are the sampler's images: the same seed and recipe, decoded without a VAE
+    device = repa.setup_distributed()[2]  # where main() ran: the GPU if there is one
+    model, info = sample.load_checkpoint(str(tmp_path / "demo.pt"), device)
+    labels = torch.arange(8, device=device).repeat_interleave(4)
+    images = sample.generate(model, None, labels, torch.Generator(device).manual_seed(0),
+                             sample.parse_args(argv), info)
+    assert np.array_equal(grid[66 * 2:66 * 2 + 64:4, 48 + 66:48 + 66 + 64:4], images[9].numpy())
+    assert torch.is_grad_enabled()  # main() left no global state behind
+
+
+def run_cli(args, env=None, nproc=None):
+    """sample.py in fresh processes: one, or `nproc` gloo ranks under torchrun."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc else []
+    # CPUs only (gloo), also on a GPU machine: two ranks cannot share one GPU under NCCL
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    return subprocess.run([sys.executable, *launcher, os.path.join(HERE, "sample.py"), *args],
+                          capture_output=True, text=True, cwd=HERE, env=env, timeout=300)
+
+
+def test_fid_run_on_two_processes_writes_npz_and_resumes(tmp_path):
+    from diffusers.models import AutoencoderKL
+    torch.manual_seed(0)  # a tiny random SD-VAE shape: 16 x 16 images <-> 8 x 8 x 4 latents
+    AutoencoderKL(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=8,
+                  latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2).save_pretrained(tmp_path / "vae")
+    save_ours(tmp_path / "ckpt.pt")
+    args = ["--ckpt", str(tmp_path / "ckpt.pt"), "--vae", str(tmp_path / "vae"),
+            "--num-fid-samples", "10", "--per-proc-batch-size", "4", "--num-steps", "4",
+            "--sample-dir", str(tmp_path / "out")]
+    out = run_cli(args, nproc=2)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (folder,) = [p for p in (tmp_path / "out").iterdir() if p.is_dir()]
+    npz = tmp_path / "out" / f"{folder.name}.npz"
+    pngs = sorted(p.name for p in folder.iterdir())
+    assert pngs == [f"{i:06d}.png" for i in range(10)]  # 2 ranks x 2 batches x 4, 6 dropped
+    first = np.load(npz)["arr_0"]
+    assert first.shape == (10, 16, 16, 3) and first.dtype == np.uint8
+    assert len({first[i].tobytes() for i in range(10)}) == 10  # every image its own noise
+    # a restart after a "kill": the npz and images 3 (rank 1) and 8 (rank 0) are gone
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.iterdir()}
+    for name in ("000003.png", "000008.png"):
+        (folder / name).unlink()
+    npz.unlink()
+    out = run_cli(args, nproc=2)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "8 of 10 images on disk, sampling 2 batches" in out.stdout
+    for p in folder.iterdir():
+        mtime, data = before[p.name]
+        assert p.read_bytes() == data  # the same images again: seeds do not depend on history
+        assert (p.stat().st_mtime_ns == mtime) == (p.name not in ("000003.png", "000008.png"))
+    assert np.array_equal(np.load(npz)["arr_0"], first)
+
+
+def test_no_vae_offline_is_one_line(tmp_path):
+    save_ours(tmp_path / "ckpt.pt")
+    out = run_cli(["--ckpt", str(tmp_path / "ckpt.pt"), "--sample-dir", str(tmp_path)],
+                  env={"HF_HOME": str(tmp_path / "hf")})
+    assert out.returncode == 2 and out.stdout == "", out.stderr
+    assert out.stderr.startswith("error: cannot load the VAE stabilityai/sd-vae-ft-ema: ")
+    assert out.stderr.count("\n") == 1 and "not in the Hugging Face cache" in out.stderr
+
+
 @pytest.mark.slow
 def test_demo_trains_and_both_losses_fall(tmp_path):
     import json
@@ -747,3 +1136,8 @@ def test_demo_trains_and_both_losses_fall(tmp_path):
     assert last["step"] == repa.DEMO["config"]["max_steps"]
     assert last["loss"] < 0.8 * first["loss"] and last["align"] < first["align"] - 0.1
     assert os.path.isfile(tmp_path / "demo" / "checkpoints" / f"{last['step']:07d}.pt")
+    # and its samples: a grid on the CPU in under a minute
+    grid = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--ckpt",
+                           str(tmp_path / "demo")], capture_output=True, text=True, timeout=60)
+    assert grid.returncode == 0, grid.stderr[-2000:]
+    assert any(f.endswith("-grid.png") for f in os.listdir(tmp_path / "demo" / "samples"))

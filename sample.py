@@ -1,0 +1,488 @@
+"""
+Sampling for REPA: the ODE and SDE solvers of the official code, with classifier-free guidance and
+its guidance interval; a labelled PNG grid to look at; and 50K images plus the `.npz` for FID.
+
+The solvers, in the notation of repa.py (t = 0 data, t = 1 noise, x_t = alpha_t x_* + sigma_t eps)
+--------------------------------------------------------------------------------------------------
+  The network learns the velocity field  v(x, t) = E[alpha'_t x_* + sigma'_t eps | x_t = x].
+
+  ODE (probability flow)   dx = v(x, t) dt,  from t = 1 to t = 0 on linspace(1, 0, N + 1);
+                           Euler, or Heun (trapezoid with an Euler predictor), Heun skipped on the
+                           last step, so it costs 2N - 1 model calls.
+  score from velocity      s(x, t) = grad log p_t(x) = -E[eps | x_t = x] / sigma_t
+                                   = (r v - x) / (sigma^2 - r sigma' sigma),   r = alpha / alpha'
+  SDE (reverse time)       dx = [v - (w/2) s] dt + sqrt(w) dW,   w(t) = 2t,  dt < 0.
+                           Any w >= 0 keeps the marginals p_t; w = 2t is the official choice.
+                           Euler-Maruyama on linspace(1, 0.04, N), then one noiseless step 0.04 -> 0
+                           (the score blows up like 1/t at t = 0: for the linear path the
+                           denominator above is exactly t).
+  guidance (CFG)           v = v(x, t, null) + cfg (v(x, t, y) - v(x, t, null)),
+                           only while guidance_low <= t <= guidance_high (Kynkaanniemi et al. 2024).
+                           The paper's FID 1.42 is the SDE, 250 steps, cfg 1.8, interval [0, 0.7].
+
+Commands
+--------
+  python sample.py --ckpt results/demo                 # a labelled grid from the newest checkpoint
+  torchrun --nproc_per_node=8 sample.py --ckpt C --num-fid-samples 50000   # PNGs + .npz for FID
+  python sample.py --ckpt last.pt --model XL/2 --resolution 256 --encoder-depth 8   # released
+
+Numbers match the official samplers (sihyun-yu/REPA samplers.py) to float64 rounding; see
+test_repa.py for the golden runs.
+"""
+import argparse
+import math
+import os
+import re
+import sys
+
+import torch
+import torch.distributed as dist  # set up by repa.setup_distributed (torchrun env)
+
+import repa
+
+# The default grid: DiT's and REPA's showcase ImageNet classes (golden retriever, otter, red panda,
+# geyser, macaw, valley, balloon, arctic fox). Models with fewer classes show their first 8.
+GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
+VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+SDE_T_LAST = 0.04  # the SDE's last noisy time; from there one mean step goes to t = 0 (official)
+
+
+#################################################################################
+#             The guided velocity: CFG and the guidance interval                #
+#################################################################################
+
+def velocity(model, x, t, y, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
+             dtype=torch.float32, guide_t=None):
+    """v(x, t | y) in float64, with classifier-free guidance while t is in the guidance interval.
+
+    x is the float64 solver state (B, C, H, W); t a float64 Python float. The model sees x and t
+    cast to `dtype` (the latents' dtype, as in the official samplers: float32 t, not float64) and
+    t broadcast to the batch. `guide_t` is the time at which guidance is decided (default t):
+    the official Heun corrector decides at the step's start t_cur, not at the t_next it evaluates.
+
+    This is the only place where guidance happens. The official SDE guides the drift rather than
+    v, but the drift is affine in v at fixed (x, t), d = a v + b x, and an affine map commutes
+    with u + w (c - u) (its weights 1 - w and w sum to 1): guiding v gives the same drift."""
+    guide_t = t if guide_t is None else guide_t
+    # inclusive on both ends, compared in float64: with 5 ODE steps t = 0.2 exactly, so an
+    # interval starting at 0.2 guides the last step (as the official code does)
+    guided = cfg_scale > 1 and guidance_low <= guide_t <= guidance_high
+    if guided:
+        # one batched call: the conditional half first, then the same x with the null label
+        # (row `num_classes` of the label table, learned through label dropout in training;
+        # the official code hard-codes 1000, which is the same for ImageNet)
+        x = torch.cat([x, x])
+        y = torch.cat([y, torch.full_like(y, model.num_classes)])
+    t_batch = torch.full((x.shape[0],), t, dtype=dtype, device=x.device)
+    v = model(x.to(dtype), t_batch, y)[0].to(torch.float64)
+    if guided:
+        cond, uncond = v.chunk(2)
+        v = uncond + cfg_scale * (cond - uncond)
+    return v
+
+
+def score(v, x, t, path_type="linear"):
+    """grad_x log p_t(x) from the velocity (float64), using the path of repa.interpolant.
+
+    x = alpha E[x_*|x] + sigma E[eps|x] and v = alpha' E[x_*|x] + sigma' E[eps|x]; eliminating
+    E[x_*|x] gives r v - x = (r sigma' - sigma) E[eps|x] with r = alpha / alpha', and the score of
+    a Gaussian perturbation is -E[eps|x] / sigma. Linear path: s = ((t - 1) v - x) / t."""
+    alpha, sigma, d_alpha, d_sigma = repa.interpolant(
+        torch.tensor(t, dtype=torch.float64, device=x.device), path_type)
+    ratio = alpha / d_alpha
+    return (ratio * v - x) / (sigma ** 2 - ratio * d_sigma * sigma)
+
+
+#################################################################################
+#                    Solvers: ODE (Euler, Heun) and SDE (Euler-Maruyama)         #
+#################################################################################
+
+@torch.no_grad()
+def sample_ode(model, z, y, num_steps=50, heun=False, cfg_scale=1.0, guidance_low=0.0,
+               guidance_high=1.0, path_type="linear"):
+    """Integrate dx = v dt from noise z (t = 1) to data (t = 0); returns float64 (B, C, H, W).
+
+    path_type is not needed: the ODE only follows v, which the model gives for its own path
+    (the official sampler ignores it too); it is checked and accepted so both solvers share one
+    signature. The state stays float64 throughout, so 250 small steps add no rounding drift."""
+    repa.interpolant(torch.zeros(()), path_type)  # an unknown path is an error, not ignored
+    v = lambda x, t, **kw: velocity(model, x, t, y, cfg_scale, guidance_low, guidance_high,
+                                    z.dtype, **kw)
+    ts = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist()
+    x = z.to(torch.float64)
+    for i, (t_cur, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+        d = v(x, t_cur)
+        x_next = x + (t_next - t_cur) * d                        # Euler predictor
+        if heun and i < num_steps - 1:
+            # trapezoid rule: average the slopes at both ends (second order). The last step
+            # would evaluate v at t = 0 exactly, so it stays Euler. Guidance of the corrector
+            # is decided at t_cur (official), so the two slopes always agree on being guided.
+            d_next = v(x_next, t_next, guide_t=t_cur)
+            x_next = x + (t_next - t_cur) * (0.5 * d + 0.5 * d_next)
+        x = x_next
+    return x
+
+
+@torch.no_grad()
+def sample_sde(model, z, y, num_steps=50, heun=False, cfg_scale=1.0, guidance_low=0.0,
+               guidance_high=1.0, path_type="linear", generator=None):
+    """Euler-Maruyama on the reverse SDE dx = [v - t s] dt + sqrt(2t) dW from z (t = 1) to t = 0;
+    returns float64 (B, C, H, W).
+
+    Grid: linspace(1, 0.04, num_steps) then 0: num_steps - 1 noisy steps and a final mean step.
+    Each noisy step draws eps ~ N(0, I) of the latent's shape in float64 *before* the model call,
+    from `generator` (the global RNG when None), so a seeded run equals the official one.
+    heun is accepted (the official signature has it) but Euler-Maruyama has no corrector."""
+    if heun:
+        raise repa.UserError("heun applies to the ODE only (mode ode)")
+    ts = torch.cat([torch.linspace(1, SDE_T_LAST, num_steps, dtype=torch.float64),
+                    torch.zeros(1, dtype=torch.float64)]).tolist()
+    x = z.to(torch.float64)
+    for i, (t_cur, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+        dt = t_next - t_cur                                      # negative: time runs backwards
+        noisy = i < num_steps - 1
+        if noisy:
+            eps = torch.randn(x.shape, generator=generator, dtype=torch.float64, device=x.device)
+        v = velocity(model, x, t_cur, y, cfg_scale, guidance_low, guidance_high, z.dtype)
+        w = 2 * t_cur                                            # diffusion coefficient w(t)
+        drift = v - 0.5 * w * score(v, x, t_cur, path_type)
+        if noisy:  # the noise enters as sqrt(w) dW, with dW = eps sqrt(|dt|)
+            x = x + drift * dt + math.sqrt(w) * (eps * math.sqrt(abs(dt)))
+        else:      # 0.04 -> 0: the mean of the transition only, a final denoising step
+            x = x + dt * drift
+    return x
+
+
+#################################################################################
+#                     Checkpoints: ours, official, plain state dicts             #
+#################################################################################
+
+def _z_dims(state_dict):
+    """Encoder widths from the projectors' last layers (projectors.K.4.weight is (z_dim, 2048));
+    the official checkpoint stores only the encoder's name, so the weights are the truth."""
+    dims = {}
+    for k, v in state_dict.items():
+        m = re.search(r"(?:^|\.)projectors\.(\d+)\.4\.weight$", k)
+        if m:
+            dims[int(m.group(1))] = v.shape[0]
+    return [dims[k] for k in sorted(dims)]
+
+
+def _merge(stored, overrides):
+    """The checkpoint's config, with command-line values filling what it does not store. A flag
+    that contradicts the checkpoint is an error: a wrong size or path would only give noise."""
+    cfg = dict(stored)
+    norm = lambda k, v: v.removeprefix("SiT-") if k == "model" and isinstance(v, str) else v
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if cfg.get(k) is not None and norm(k, cfg[k]) != norm(k, v):
+            raise repa.UserError(f"--{k.replace('_', '-')} {v} disagrees with the checkpoint, "
+                                 f"which stores {k}={cfg[k]}; drop the flag")
+        cfg[k] = v
+    return cfg
+
+
+# What a plain state dict (the released XL/2 last.pt) does not say: the official generate.py's
+# defaults, which are the released model's settings.
+PLAIN_DEFAULTS = dict(model="XL/2", resolution=256, encoder_depth=8, path_type="linear")
+OVERRIDES = ("model", "resolution", "encoder_depth", "path_type", "num_classes", "qk_norm")
+
+
+def load_checkpoint(path, device="cpu", use_ema=True, **overrides):
+    """(model in eval mode on `device`, info) from one of three layouts:
+
+      ours      {"model", "ema", "opt", "args" (a plain dict), "steps", "model_kwargs"}: the model
+                is exactly repa.SiT(**model_kwargs); in_channels 3 means pixel space (no VAE).
+      official  {"model", "ema", "opt", "args" (argparse.Namespace), "steps"}: built from args,
+                with the encoder widths read from the projector weights.
+      plain     a bare state dict (the released XL/2 last.pt, legacy `decoder_blocks.*` keys):
+                the size, resolution and encoder depth come from `overrides` (default XL/2, 256,
+                8); the class count and qk-norm are read from the weights.
+
+    overrides: model, resolution, encoder_depth, path_type, num_classes, qk_norm (None = unset).
+    info: path (the file read), format, path_type, pixel_space, input_size (the model's),
+    resolution (the images'), num_classes, steps."""
+    unknown = set(overrides) - set(OVERRIDES)
+    if unknown:
+        raise TypeError(f"unknown overrides {sorted(unknown)}; choose from {OVERRIDES}")
+    if os.path.isdir(path):  # a run folder (results/<run>) or its checkpoints/: the newest one
+        sub = os.path.join(path, "checkpoints")
+        path = repa.newest_checkpoint(sub if os.path.isdir(sub) else path) or path
+    ckpt = repa.load_checkpoint(path)  # weights_only, memory-mapped; one line if unreadable
+    weights = "ema" if use_ema else "model"
+    if isinstance(ckpt, dict) and "model_kwargs" in ckpt:
+        fmt, kwargs, args = "ours", dict(ckpt["model_kwargs"]), dict(ckpt.get("args") or {})
+        # model_kwargs is the truth (the training flags --model/--resolution may not apply, e.g.
+        # for the demo); name the size and the resolution it implies, to check flags against
+        size = next((name for name, sz in repa.SIZES.items() if all(
+            kwargs.get(k) == v for k, v in sz.items() if k != "encoder_depth")), None)
+        pixels = kwargs["input_size"] * (1 if kwargs["in_channels"] == 3 else 8)
+        stored = {k: kwargs.get(k) for k in ("encoder_depth", "num_classes", "qk_norm")}
+        cfg = _merge(dict(stored, model=size, resolution=pixels, path_type=args.get("path_type")),
+                     overrides)
+        state_dict = ckpt[weights]
+    elif isinstance(ckpt, dict) and isinstance(ckpt.get("args"), argparse.Namespace):
+        fmt, args = "official", vars(ckpt["args"])
+        cfg = _merge({k: args.get(k) for k in OVERRIDES}, overrides)
+        state_dict = ckpt[weights]
+    elif isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+        fmt, state_dict = "plain", ckpt
+        table = next((v for k, v in ckpt.items() if k.endswith("embedding_table.weight")), None)
+        inferred = dict(num_classes=None if table is None else table.shape[0] - 1,
+                        qk_norm=any(".attn.q_norm." in k for k in ckpt))
+        cfg = _merge(inferred, overrides)
+    else:
+        raise repa.UserError(f"{path} is not a SiT checkpoint: expected ours or an official "
+                             f"REPA checkpoint ('ema', 'args', ...) or a state dict of tensors")
+    cfg = {**PLAIN_DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
+    if fmt != "ours":
+        # official latents are 8x downsampled by the SD-VAE: 256 px -> 32 x 32 x 4
+        kwargs = dict(input_size=cfg["resolution"] // 8, encoder_depth=cfg["encoder_depth"],
+                      num_classes=cfg.get("num_classes", repa.NUM_CLASSES),
+                      qk_norm=cfg.get("qk_norm", False), z_dims=_z_dims(state_dict))
+    with torch.device(device):  # initialised where it runs: XL/2's init takes a while on a CPU
+        model = repa.SiT(**kwargs) if fmt == "ours" else repa.build_model(cfg["model"], **kwargs)
+    repa.load_sit_weights(model, state_dict)  # strict; one clear line when it does not fit
+    info = dict(path=path, format=fmt, path_type=cfg["path_type"],
+                pixel_space=model.in_channels == 3, input_size=kwargs["input_size"],
+                resolution=cfg["resolution"],
+                num_classes=model.num_classes,
+                steps=ckpt.get("steps") if fmt != "plain" else None)
+    return model.eval().requires_grad_(False), info
+
+
+#################################################################################
+#                    Images: decode, uint8, grid, FID folder                     #
+#################################################################################
+
+def to_uint8(x):
+    """Images in [-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3) on the CPU, as the official
+    generate.py: clamp(255 (x + 1) / 2, 0, 255), then a cast that truncates rather than rounds.
+    The FID numbers were computed on these bytes, so we keep the truncation."""
+    return torch.clamp(255.0 * ((x + 1) / 2), 0, 255).permute(0, 2, 3, 1).to("cpu", torch.uint8)
+
+
+def decode(x, vae):
+    """Solver output (float64) -> uint8 images. Latent models go through the SD-VAE: z / 0.18215
+    undoes the scaling applied in training (bias 0). Pixel-space (demo) models have no VAE."""
+    x = x.to(torch.float32)
+    if vae is not None:
+        # divide by a tensor, as the official code does: CUDA divides by a Python scalar as a
+        # multiplication by its reciprocal, which can differ in the last bit
+        x = vae.decode(x / torch.full((1,), repa.LATENT_SCALE, device=x.device)).sample
+    return to_uint8(x)
+
+
+def generate(model, vae, labels, generator, args, info):
+    """One batch: draw z from `generator`, solve, decode. Returns uint8 (B, H, W, 3)."""
+    size = info["input_size"]
+    z = torch.randn((len(labels), model.in_channels, size, size), generator=generator,
+                    device=labels.device)
+    kwargs = dict(num_steps=args.num_steps, heun=args.heun, cfg_scale=args.cfg_scale,
+                  guidance_low=args.guidance_low, guidance_high=args.guidance_high,
+                  path_type=info["path_type"])
+    if args.mode == "sde":  # the same generator: z and the SDE's noise come from one stream
+        x = sample_sde(model, z, labels, generator=generator, **kwargs)
+    else:
+        x = sample_ode(model, z, labels, **kwargs)
+    return decode(x, vae)
+
+
+def save_grid(images, classes, path):
+    """uint8 (rows * cols, H, W, 3), one class per row -> a PNG with the class id left of each
+    row. Small images (a 16 px demo) are enlarged without smoothing so a person can see them."""
+    from PIL import Image, ImageDraw
+    rows = len(classes)
+    cols, h, w = len(images) // rows, images.shape[1], images.shape[2]
+    zoom = max(1, 64 // h)
+    h, w, pad, margin = h * zoom, w * zoom, 2, 48
+    grid = Image.new("RGB", (margin + cols * (w + pad), rows * (h + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, c in enumerate(classes):
+        draw.text((4, r * (h + pad) + h // 2 - 6), str(c), fill="black")
+        for j in range(cols):
+            tile = Image.fromarray(images[r * cols + j].numpy()).resize((w, h), Image.NEAREST)
+            grid.paste(tile, (margin + j * (w + pad), r * (h + pad)))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    grid.save(path)
+
+
+def save_png(image, path):
+    """Write atomically (a temporary name, then a rename), so that a killed run never leaves a
+    truncated PNG that a restart would take as done."""
+    from PIL import Image
+    tmp = f"{path}.tmp"
+    Image.fromarray(image.numpy()).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def write_npz(folder, num):
+    """The ADM evaluation suite's input: arr_0 = uint8 (N, H, W, 3), images 0 .. N-1 in order."""
+    import numpy as np
+    from PIL import Image
+    from tqdm import tqdm
+    missing = [i for i in range(num) if not os.path.isfile(f"{folder}/{i:06d}.png")]
+    if missing:
+        raise repa.UserError(f"{len(missing)} images are missing in {folder} (first "
+                             f"{missing[0]:06d}.png); run the same command again to finish them")
+    first = np.asarray(Image.open(f"{folder}/000000.png").convert("RGB"))
+    arr = np.empty((num, *first.shape), dtype=np.uint8)  # preallocated: 50K x 256^2 x 3 = 9.8 GB
+    for i in tqdm(range(num), desc="building .npz"):
+        arr[i] = np.asarray(Image.open(f"{folder}/{i:06d}.png").convert("RGB"))
+    tmp = f"{folder}.tmp.npz"  # np.savez appends .npz to names without it
+    np.savez(tmp, arr_0=arr)
+    os.replace(tmp, f"{folder}.npz")
+    return f"{folder}.npz"
+
+
+#################################################################################
+#                                  Command line                                  #
+#################################################################################
+
+def sample_fid(model, vae, info, args, rank, world, device, folder):
+    """Write {index:06d}.png for index < N into `folder` across ranks, then rank 0 writes the .npz.
+
+    Layout and seeds follow the official generate.py: batch k of rank r holds the indices
+    k G + i W + r (G = n W, i < n), and the rank's RNG is seeded with global_seed * W + r. That
+    seed draws one seed per batch, so a batch's images do not depend on the batches before it:
+    a restart redoes only the batches with a missing PNG and gets the very same images.
+    Classes are balanced (index i has class i mod num_classes), unlike the official random ones."""
+    from tqdm import tqdm
+    n, num = args.per_proc_batch_size, args.num_fid_samples
+    stride = n * world
+    batches = math.ceil(num / stride)  # the last batch may run past N: those images are dropped
+    if rank == 0:
+        os.makedirs(folder, exist_ok=True)
+    repa.barrier()
+    done = set(os.listdir(folder))  # one listing, not 50K stat calls on a network disk
+    seeds = torch.randint(2 ** 62, (batches,), generator=torch.Generator().manual_seed(
+        args.global_seed * world + rank)).tolist()
+    todo = []  # whole batches are redone (deterministic), but only missing PNGs are written
+    for k in range(batches):
+        index = [k * stride + i * world + rank for i in range(n)]
+        if any(j < num and f"{j:06d}.png" not in done for j in index):
+            todo.append((k, index))
+    count = torch.tensor([len(todo)], device=device)  # on the GPU for NCCL, the CPU for gloo
+    if dist.is_initialized():
+        dist.all_reduce(count)  # only for the message: each rank works through its own list
+    if rank == 0:
+        print(f"{folder}: {sum(f.endswith('.png') for f in done)} of {num} images on disk, "
+              f"sampling {count.item()} batches of {world} x {n}", flush=True)
+    for k, index in tqdm(todo, desc=f"rank 0 of {world}", unit="batch", disable=rank != 0):
+        generator = torch.Generator(device).manual_seed(seeds[k])
+        labels = torch.tensor([j % model.num_classes for j in index], device=device)
+        for j, image in zip(index, generate(model, vae, labels, generator, args, info)):
+            if j < num and f"{j:06d}.png" not in done:
+                save_png(image, f"{folder}/{j:06d}.png")
+    repa.barrier()  # every rank has written its PNGs; no barrier after: the .npz can take minutes
+    if rank == 0:
+        path = write_npz(folder, num)
+        print(f"wrote {path} ({num} images)")
+
+
+def default_sample_dir(ckpt):
+    """results/<run>/samples for a checkpoint in results/<run>/checkpoints/, else ./samples."""
+    parent = os.path.dirname(os.path.abspath(ckpt))
+    if os.path.basename(parent) == "checkpoints":
+        return os.path.join(os.path.dirname(parent), "samples")
+    return "samples"
+
+
+def run_name(args, info, world):
+    """Everything that changes the images is in the name, so a restart with other settings starts
+    a new folder instead of mixing two recipes (the world size and batch fix the seeds)."""
+    stem = os.path.splitext(os.path.basename(info["path"]))[0]
+    steps = f"-s{info['steps']}" if info["steps"] is not None else ""
+    vae = "" if info["pixel_space"] else f"-vae-{os.path.basename(os.path.normpath(args.vae))}"
+    heun = "-heun" if args.heun else ""
+    return (f"{stem}{steps}-{'ema' if args.ema else 'raw'}{vae}-{args.mode}{args.num_steps}{heun}"
+            f"-cfg{args.cfg_scale}-{args.guidance_low}-{args.guidance_high}-{info['path_type']}"
+            f"-seed{args.global_seed}-{world}x{args.per_proc_batch_size}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="ours, an official REPA checkpoint, a state dict, "
+                   "or a run folder (its newest checkpoint)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="sample the EMA weights (default) or, with --no-ema, the online ones")
+    g = p.add_argument_group("model (only for a plain state dict; others store it)")
+    g.add_argument("--model", default=None, help="size, e.g. XL/2 or SiT-XL/2 (default XL/2)")
+    g.add_argument("--resolution", type=int, default=None, help="image pixels (default 256)")
+    g.add_argument("--encoder-depth", type=int, default=None, help="(default 8)")
+    g.add_argument("--path-type", default=None, choices=["linear", "cosine"],
+                   help="default: the checkpoint's, else linear")
+    g = p.add_argument_group("solver (defaults: the paper's FID 1.42 recipe)")
+    g.add_argument("--mode", default="sde", choices=["sde", "ode"])
+    g.add_argument("--num-steps", type=int, default=None,
+                   help="default 250 (the paper's) for FID; 50 for a grid, a quick preview")
+    g.add_argument("--heun", action="store_true", help="Heun's corrector (ODE only)")
+    g.add_argument("--cfg-scale", type=float, default=1.8)
+    g.add_argument("--guidance-low", type=float, default=0.0)
+    g.add_argument("--guidance-high", type=float, default=0.7)
+    g = p.add_argument_group("output")
+    g.add_argument("--vae", default="ema",
+                   help="ema, mse, a Hugging Face name or a local diffusers folder")
+    g.add_argument("--global-seed", type=int, default=0)
+    g.add_argument("--per-proc-batch-size", type=int, default=32)
+    g.add_argument("--num-fid-samples", type=int, default=0,
+                   help="0: a grid; N: N PNGs and an .npz for FID (torchrun for several GPUs)")
+    g.add_argument("--classes", default=None,
+                   help="grid rows, e.g. 207,360 (default 8 showcase ImageNet classes)")
+    g.add_argument("--per-class", type=int, default=4, help="grid columns")
+    g.add_argument("--sample-dir", default=None,
+                   help="default: results/<run>/samples next to the checkpoint, else ./samples")
+    g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="TF32 matmuls on GPUs (official default): much faster, ~1e-3 relative")
+    return p.parse_args(argv)
+
+
+@torch.no_grad()  # a context, not set_grad_enabled: tests call main() in their own process
+def run(args):
+    if args.heun and args.mode != "ode":
+        raise repa.UserError("--heun applies to the ODE only: add --mode ode")
+    if args.num_steps is None:  # a grid is a preview: 5x cheaper, and the demo's takes seconds
+        args.num_steps = 250 if args.num_fid_samples > 0 else 50
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32  # as the official generate.py (CUDA only)
+    rank, world, device = repa.setup_distributed()  # NCCL on GPUs, gloo on CPUs, or none
+    model, info = load_checkpoint(args.ckpt, device, use_ema=args.ema, model=args.model,
+                                  resolution=args.resolution, encoder_depth=args.encoder_depth,
+                                  path_type=args.path_type)
+    # samples are decoded with ft-ema (official), although the latents were made with ft-mse
+    vae = None if info["pixel_space"] else repa.load_vae(VAES.get(args.vae, args.vae), device)
+    sample_dir = args.sample_dir or default_sample_dir(info["path"])
+    name = run_name(args, info, world)
+    if args.num_fid_samples > 0:
+        sample_fid(model, vae, info, args, rank, world, device, os.path.join(sample_dir, name))
+    elif rank == 0:  # a grid is one process's work
+        classes = ([int(c) for c in args.classes.split(",")] if args.classes else
+                   GRID_CLASSES if model.num_classes == 1000 else
+                   list(range(min(8, model.num_classes))))
+        if not all(0 <= c < model.num_classes for c in classes):
+            raise repa.UserError(f"--classes must be in [0, {model.num_classes})")
+        labels = torch.tensor(classes, device=device).repeat_interleave(args.per_class)
+        # one generator for the whole grid, drawn chunk after chunk: the grid depends on the seed
+        # and on --per-proc-batch-size, like the official sample.py on one device
+        generator = torch.Generator(device).manual_seed(args.global_seed)
+        images = torch.cat([generate(model, vae, chunk, generator, args, info)
+                            for chunk in labels.split(args.per_proc_batch_size)])
+        path = os.path.join(sample_dir, f"{name}-grid.png")
+        save_grid(images, classes, path)
+        print(f"wrote {path} ({len(classes)} classes x {args.per_class})")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except repa.UserError as e:  # a problem with the input: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
