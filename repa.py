@@ -31,14 +31,21 @@ Commands
   python sample.py --ckpt results/demo                                # a grid of samples
   torchrun --nproc_per_node=8 sample.py --ckpt results/repa --num-fid-samples 50000  # FID .npz
 """
+import argparse
 import contextlib
+import copy
+import datetime
+import json
 import math
 import os
+import signal
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
@@ -286,22 +293,24 @@ def load_sit_weights(model, state_dict):
     `decoder_blocks.N`; they are `blocks.(N + encoder_depth)` here."""
     state_dict = {k.removeprefix("module.").removeprefix("_orig_mod."): v
                   for k, v in state_dict.items()}
-    legacy = {}
+    renamed = {}
     for k, v in state_dict.items():
         if k.startswith("decoder_blocks."):
             _, n, rest = k.split(".", 2)
             k = f"blocks.{int(n) + model.encoder_depth}.{rest}"
-        legacy[k] = v
+        renamed[k] = v
     ours = model.state_dict()
-    missing, unexpected = ours.keys() - legacy.keys(), legacy.keys() - ours.keys()
-    wrong = [k for k in ours.keys() & legacy.keys() if ours[k].shape != legacy[k].shape]
+    missing, unexpected = ours.keys() - renamed.keys(), renamed.keys() - ours.keys()
+    wrong = [k for k in ours.keys() & renamed.keys() if ours[k].shape != renamed[k].shape]
     if missing or unexpected or wrong:
-        what = wrong[:1] and f"{wrong[0]} is {tuple(legacy[wrong[0]].shape)}, " \
-                             f"expected {tuple(ours[wrong[0]].shape)}"
+        example = ""
+        if wrong:
+            example = (f"; {wrong[0]} is {tuple(renamed[wrong[0]].shape)}, expected "
+                       f"{tuple(ours[wrong[0]].shape)}")
         raise UserError(f"checkpoint does not fit this model ({len(missing)} missing, "
-                        f"{len(unexpected)} unexpected, {len(wrong)} wrong-shaped keys"
-                        f"{'; ' + what if what else ''}): is it for another size or encoder set?")
-    model.load_state_dict(legacy, strict=True)
+                        f"{len(unexpected)} unexpected, {len(wrong)} wrong-shaped keys{example}): "
+                        f"is it for another size or encoder set?")
+    model.load_state_dict(renamed, strict=True)
     return model
 
 
@@ -314,7 +323,8 @@ def repa_loss(model, x, y, zs, path_type="linear", weighting="uniform", t=None, 
     the encoder targets zs (a list of (B, N, D_k)). The total is denoising.mean() + lambda * align.
 
     t (B,) and noise (x's shape) are drawn when not given, in the official order (t, then noise,
-    then the label dropout inside the model), so a seeded run reproduces the official one."""
+    then the label dropout inside the model): on a CPU, from the same global RNG state, the
+    numbers equal the official SILoss's. Pass them to pin them."""
     t = sample_t(x.shape[0], weighting, path_type, x.device) if t is None else t
     noise = torch.randn_like(x) if noise is None else noise
     alpha, sigma, d_alpha, d_sigma = interpolant(t.to(x.dtype).view(-1, 1, 1, 1), path_type)
@@ -347,7 +357,8 @@ ENCODER_FAMILIES = {
     "dinov2reg": (lambda s: f"vit_{_VIT[s]}_patch14_reg4_dinov2.lvd142m", 224,
                   IMAGENET_MEAN, IMAGENET_STD),
     # DINOv3 has patch 16 and rotary positions: 256 px gives the 16 x 16 grid with no resize
-    "dinov3": (lambda s: f"vit_{_VIT[s]}_patch16_dinov3.lvd1689m", 256, IMAGENET_MEAN, IMAGENET_STD),
+    "dinov3": (lambda s: f"vit_{_VIT[s]}_patch16_dinov3.lvd1689m", 256,
+               IMAGENET_MEAN, IMAGENET_STD),
     "clip": (lambda s: "vit_large_patch14_clip_224.openai", 224, CLIP_MEAN, CLIP_STD),
 }
 ENCODER_SIZES = {"dinov2": "sblg", "dinov2reg": "sblg", "dinov3": "sbl", "clip": "l"}
@@ -358,8 +369,8 @@ class Encoder:
     name: str           # e.g. "dinov2-vit-b"
     model: nn.Module    # a timm VisionTransformer, frozen, in eval mode
     size: int           # input pixels: images are resized to size x size
-    mean: tuple
-    std: tuple
+    mean: torch.Tensor  # (1, 3, 1, 1) on the encoder's device: no host-to-device copy per step
+    std: torch.Tensor
 
     @property
     def dim(self):
@@ -410,7 +421,7 @@ def load_encoders(spec="dinov2-vit-b", resolution=256, device="cpu", **timm_kwar
             raise UserError(f"cannot load encoder {name} from {path}: "
                             f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
         model = model.to(device).eval().requires_grad_(False)
-        encoders.append(Encoder(name, model, pixels, mean, std))
+        encoders.append(Encoder(name, model, pixels, *_channels(mean, std, device)))
     return encoders
 
 
@@ -438,14 +449,8 @@ def _hub_weights(repo_id, filename="model.safetensors"):
     return hf_hub_download(repo_id, filename) if _hub_reachable() else None
 
 
-def _hub_folder(repo_id):
-    """A model folder (config and weights) from the cache, or downloaded when reachable."""
-    from huggingface_hub import snapshot_download
-    patterns = ["config.json", "*.safetensors"]
-    try:
-        return snapshot_download(repo_id, local_files_only=True, allow_patterns=patterns)
-    except Exception:
-        return snapshot_download(repo_id, allow_patterns=patterns) if _hub_reachable() else None
+def _channels(mean, std, device):
+    return [torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (mean, std)]
 
 
 @torch.no_grad()
@@ -458,62 +463,48 @@ def encode(encoders, images):
     tokens, with the CLS and register tokens dropped (DINOv2's x_norm_patchtokens)."""
     out = []
     for enc in encoders:
-        x = images.float() / 255
-        mean = torch.tensor(enc.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(enc.std, device=x.device).view(1, 3, 1, 1)
-        x = (x - mean) / std
+        x = (images.float() / 255 - enc.mean) / enc.std
         if x.shape[-1] != enc.size:
             x = F.interpolate(x, size=(enc.size, enc.size), mode="bicubic")
         out.append(enc.model.forward_features(x)[:, enc.model.num_prefix_tokens:])
     return out
 
 
-#################################################################################
-#          One device path: CPU, one GPU, or torchrun over many of either        #
-#################################################################################
-# torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without it we are rank 0 of 1 and use no process
-# group at all. NCCL on GPUs, gloo on CPUs: the rest of the code does not care which.
+class PatchStats(nn.Module):
+    """The demo's frozen 'encoder': hand-made features of each 4 x 4 patch (mean colour, colour
+    spread, horizontal and vertical edge energy). They carry the layout and the edges of the image,
+    as early layers of a real encoder do, but none of DINOv2's semantics: the demo shows the
+    mechanism of REPA, not its benefit. Real runs always use a pretrained encoder."""
+    embed_dim, num_prefix_tokens, patch = 8, 0, 4
 
-def setup_distributed():
-    """(rank, world, device), initialising the process group once when run under torchrun."""
-    import torch.distributed as dist
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not dist.is_initialized():
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl" if cuda else "gloo")
-    rank = int(os.environ.get("RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
-    return rank, world, device
+    def forward_features(self, x):  # x: (B, 3, H, W) in [0, 1]
+        p = self.patch
+        gray = x.mean(1, keepdim=True)
+        ex = F.pad((gray[..., :, 1:] - gray[..., :, :-1]).abs(), (0, 1))
+        ey = F.pad((gray[..., 1:, :] - gray[..., :-1, :]).abs(), (0, 0, 0, 1))
+        mean = F.avg_pool2d(x, p)
+        spread = (F.avg_pool2d(x * x, p) - mean ** 2).clamp_min(0).sqrt()
+        feats = torch.cat([mean - 0.5, spread, F.avg_pool2d(ex, p), F.avg_pool2d(ey, p)], dim=1)
+        return feats.flatten(2).transpose(1, 2)  # (B, tokens, 8)
 
 
-def barrier():
-    import torch.distributed as dist
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def print0(*args, **kwargs):
-    """print on rank 0 only."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def atomic_write_text(path, text):
-    """Write to a temporary file, then rename: a reader never sees a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def demo_encoders(device="cpu"):
+    return [Encoder("demo-patchstats", PatchStats(), 32, *_channels((0, 0, 0), (1, 1, 1), device))]
 
 
 #################################################################################
 #                 Data: SD-VAE latents and images, read fast                     #
 #################################################################################
+
+def _hub_folder(repo_id):
+    """A model folder (config and weights) from the cache, or downloaded when reachable."""
+    from huggingface_hub import snapshot_download
+    patterns = ["config.json", "*.safetensors"]
+    try:
+        return snapshot_download(repo_id, local_files_only=True, allow_patterns=patterns)
+    except Exception:
+        return snapshot_download(repo_id, allow_patterns=patterns) if _hub_reachable() else None
+
 
 def load_vae(name="stabilityai/sd-vae-ft-mse", device="cpu"):
     """The SD-VAE (diffusers AutoencoderKL) from a local folder or the Hugging Face cache.
@@ -588,9 +579,11 @@ def prepare(src, out, resolution=256, vae_name="stabilityai/sd-vae-ft-mse", shar
     paths, labels, classes = list_image_folder(src)
     os.makedirs(out, exist_ok=True)
     chunks = [range(i, min(i + shard_size, len(paths))) for i in range(0, len(paths), shard_size)]
-    todo = [k for k in range(rank, len(chunks), world)
-            if not os.path.isdir(os.path.join(out, f"shard-{k:05d}"))]
-    vae = load_vae(vae_name, device) if todo else None
+    # every rank lists the same missing shards and takes every world-th: balanced after a resume
+    missing = [k for k in range(len(chunks))
+               if not os.path.isdir(os.path.join(out, f"shard-{k:05d}"))]
+    todo = missing[rank::world]
+    vae = load_vae(vae_name, device) if missing else None  # all ranks fail alike when it is absent
     bar = tqdm(total=sum(len(chunks[k]) for k in todo), disable=rank != 0, desc="prepare",
                unit="img")
     for k in todo:
@@ -628,7 +621,6 @@ def prepare(src, out, resolution=256, vae_name="stabilityai/sd-vae-ft-mse", shar
 def write_shard(out, k, images, moments, labels, failed=()):
     """Write shard k under a temporary name, then rename it: a shard folder that exists is whole,
     so a stopped preparation is resumed by redoing only the shards that do not exist."""
-    import json
     tmp = os.path.join(out, f".shard-{k:05d}.tmp{os.getpid()}")
     os.makedirs(tmp, exist_ok=True)
     for name, array in [("images", images), ("moments", moments), ("labels", labels)]:
@@ -640,7 +632,6 @@ def write_shard(out, k, images, moments, labels, failed=()):
 
 def write_manifest(out, n_shards, resolution, classes, vae_name):
     """manifest.json: the shards, their sizes and every unreadable file, written last."""
-    import json
     names = [f"shard-{k:05d}" for k in range(n_shards)]
     shards = [{"name": d, "count": len(np.load(os.path.join(out, d, "labels.npy")))} for d in names]
     failed = [f for d in names for f in json.load(open(os.path.join(out, d, "failed.json")))]
@@ -657,7 +648,6 @@ class ShardDataset(torch.utils.data.Dataset):
     latent_scale = LATENT_SCALE
 
     def __init__(self, data_dir):
-        import json
         path = os.path.join(data_dir, "manifest.json")
         if not os.path.isfile(path):
             raise UserError(f"no prepared dataset at {data_dir} (manifest.json missing): run "
@@ -726,64 +716,94 @@ class DemoDataset(torch.utils.data.Dataset):
             torch.from_numpy(self.labels[indices])
 
 
-class PatchStats(nn.Module):
-    """The demo's frozen 'encoder': hand-made features of each 4 x 4 patch (mean colour, colour
-    spread, horizontal and vertical edge energy). They carry the layout and the edges of the image,
-    as early layers of a real encoder do, but none of DINOv2's semantics: the demo shows the
-    mechanism of REPA, not its benefit. Real runs always use a pretrained encoder."""
-    embed_dim, num_prefix_tokens, patch = 8, 0, 4
-
-    def forward_features(self, x):  # x: (B, 3, H, W) in [0, 1]
-        p = self.patch
-        gray = x.mean(1, keepdim=True)
-        ex = F.pad((gray[..., :, 1:] - gray[..., :, :-1]).abs(), (0, 1))
-        ey = F.pad((gray[..., 1:, :] - gray[..., :-1, :]).abs(), (0, 0, 0, 1))
-        feats = torch.cat([F.avg_pool2d(x, p) - 0.5, F.avg_pool2d(x * x, p).sub(
-            F.avg_pool2d(x, p) ** 2).clamp_min(0).sqrt(), F.avg_pool2d(ex, p), F.avg_pool2d(ey, p)], 1)
-        return feats.flatten(2).transpose(1, 2)  # (B, tokens, 8)
-
-
-def demo_encoders():
-    return [Encoder("demo-patchstats", PatchStats(), DemoDataset.resolution, (0, 0, 0), (1, 1, 1))]
-
-
 class ResumableBatches(torch.utils.data.Sampler):
-    """An endless, seeded stream of this rank's micro-batches that can start mid-epoch.
+    """An endless, seeded stream of this rank's micro-batches that can start anywhere.
 
     Epoch e is a permutation drawn from seed + e, cut into global batches (one per optimiser
     step). A global batch has world x accum slots of `batch` samples; rank r's micro-batch m takes
     slot r * accum + m. So 2 ranks x 1 micro-batch and 1 rank x 2 micro-batches see the same
-    samples in the same slots, and (epoch, position in steps) is all a checkpoint needs."""
+    samples in the same slots, and the number of global batches consumed (`start`) is all that a
+    checkpoint needs to continue the stream exactly."""
 
-    def __init__(self, n, batch, rank=0, world=1, accum=1, seed=0, epoch=0, position=0):
+    def __init__(self, n, batch, rank=0, world=1, accum=1, seed=0, start=0):
         self.batch, self.slots, self.first = batch, world * accum, rank * accum
-        self.n, self.accum, self.seed, self.epoch, self.position = n, accum, seed, epoch, position
+        self.n, self.accum, self.seed, self.start = n, accum, seed, start
         self.per_epoch = n // (self.slots * batch)
         if self.per_epoch == 0:
             raise UserError(f"{n} samples are too few for a global batch of {self.slots * batch}")
 
     def __iter__(self):
-        epoch, position = self.epoch, self.position
+        epoch, position = divmod(self.start, self.per_epoch)
         while True:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(self.n, generator=g)
             for step in range(position, self.per_epoch):
                 for slot in range(self.first, self.first + self.accum):
-                    start = (step * self.slots + slot) * self.batch
-                    yield order[start:start + self.batch].tolist()
+                    begin = (step * self.slots + slot) * self.batch
+                    yield order[begin:begin + self.batch].tolist()
             epoch, position = epoch + 1, 0
 
 
-def batches(batch):
+def already_collated(batch):
     """collate_fn: __getitems__ already stacks the batch."""
     return batch
+
+
+def ignore_signals(worker_id):
+    """DataLoader workers ignore SIGTERM/SIGINT: a scheduler signals the whole process group, and
+    a worker that died of it would crash the main process before it can save."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def loader(dataset, sampler, workers=4):
     """(images, moments, labels) batches; workers copy from the memory map in parallel and pin
     the memory so that the copy to the GPU overlaps compute."""
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=batches, num_workers=workers,
-        pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None)
+        dataset, batch_sampler=sampler, collate_fn=already_collated, num_workers=workers,
+        pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_signals,
+        prefetch_factor=4 if workers else None)
+
+
+class RandomData(torch.utils.data.Dataset):
+    """--bench: random uint8 images and latent moments of the real shapes, made on the fly."""
+    latent_scale = LATENT_SCALE
+    num_classes = NUM_CLASSES
+
+    def __init__(self, resolution, n=1 << 20):
+        self.resolution, self.n = resolution, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitems__(self, indices):
+        b, r = len(indices), self.resolution
+        return (torch.randint(0, 256, (b, 3, r, r), dtype=torch.uint8),
+                torch.randn(b, 8, r // 8, r // 8).abs_(), torch.randint(0, self.num_classes, (b,)))
+
+
+def bench_data(cfg):
+    """Reader throughput, as training reads it (DataLoader, workers, batches of --batch-size).
+    A --data-dir that does not exist (or is empty) is first filled with random shards of the real
+    shapes; any other folder must be a prepared dataset, and is only read."""
+    if not os.path.isdir(cfg.data_dir) or not os.listdir(cfg.data_dir):
+        os.makedirs(cfg.data_dir, exist_ok=True)
+        r, n = cfg.resolution, 5_000
+        rng = np.random.default_rng(0)
+        for k in range(4):
+            write_shard(cfg.data_dir, k, rng.integers(0, 256, (n, 3, r, r), np.uint8),
+                        rng.standard_normal((n, 8, r // 8, r // 8), np.float32),
+                        rng.integers(0, NUM_CLASSES, n))
+        write_manifest(cfg.data_dir, 4, r, [str(c) for c in range(NUM_CLASSES)], "random")
+    dataset = ShardDataset(cfg.data_dir)
+    data = iter(loader(dataset, ResumableBatches(len(dataset), cfg.batch_size, seed=cfg.seed),
+                       cfg.num_workers))
+    next(data)  # start the workers
+    start, seen = time.perf_counter(), 0
+    while seen < cfg.bench_data:
+        seen += len(next(data)[2])
+    print(f"reader: {seen / (time.perf_counter() - start):.0f} samples/s ({len(dataset)} samples, "
+          f"{dataset.resolution} px, batch {cfg.batch_size}, {cfg.num_workers} workers)")
 
 
 #################################################################################
@@ -811,7 +831,7 @@ class Config:
     qk_norm: bool = False
     # data
     data_dir: str = "data/imagenet256"
-    resolution: int = 256       # for --prepare (training reads it from the manifest)
+    resolution: int = 256       # for --prepare and the benchmarks (training reads the manifest)
     vae: str = "stabilityai/sd-vae-ft-mse"  # for --prepare
     num_workers: int = 4
     # optimisation
@@ -843,6 +863,37 @@ DEMO = dict(model_kwargs=dict(input_size=32, patch_size=4, in_channels=3, hidden
             config=dict(batch_size=64, max_steps=400, log_every=25, ckpt_every=200,
                         latest_every=100, num_workers=0, exp_name="demo", lr=1e-3,
                         ema_decay=0.99))
+
+
+# torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without it we are rank 0 of 1 and use no process
+# group at all. NCCL on GPUs, gloo on CPUs: the rest of the code does not care which.
+
+def setup_distributed():
+    """(rank, world, device), initialising the process group once when run under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        # an hour, not NCCL's 10 minutes: ranks of --prepare may wait that long for each other
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1))
+    rank = int(os.environ.get("RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def print0(*args, **kwargs):
+    """Logs come from rank 0: 8 or 64 copies of a line help nobody."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
 
 
 @torch.no_grad()
@@ -879,6 +930,14 @@ def peak_flops(device):
     return None
 
 
+def atomic_write_text(path, text):
+    """Write to a temporary file, then rename: a reader never sees a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def save_checkpoint(path, state):
     """torch.save to a temporary file, fsync, then rename: a crash (even SIGKILL) mid-write
     leaves the previous checkpoint of that name intact."""
@@ -894,7 +953,6 @@ def load_checkpoint(path):
     """Our checkpoints, and the official ones whose `args` is an argparse.Namespace (the one
     class we allow), with weights_only=True: a checkpoint cannot run code. Memory-mapped, so 8
     ranks resuming XL/2 do not each read 11 GB (the optimiser state) into memory at once."""
-    import argparse
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} not found")
     try:
@@ -913,68 +971,31 @@ def newest_checkpoint(ckpt_dir):
 
 class StopSignal:
     """SIGTERM (preemption) and SIGINT (Ctrl-C) set a flag; the loop saves and exits cleanly at
-    the end of the step. Ranks agree through a CPU (gloo) all-reduce, which does not wait for
-    the GPU, so checking every step costs no host-device sync."""
+    the end of the step. A second signal acts as usual (a hung run can still be killed). Ranks
+    agree through a CPU (gloo) all-reduce, which does not wait for the GPU, so checking every step
+    costs no host-device sync."""
 
-    def __init__(self):
-        import signal
-        import torch.distributed as dist
+    def __enter__(self):
         self.flag = False
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self.set)
+        self.previous = {sig: signal.signal(sig, self.set) for sig in (signal.SIGTERM,
+                                                                         signal.SIGINT)}
+        return self
 
-    def set(self, *_):
+    def set(self, sig, frame):
         self.flag = True
+        signal.signal(sig, self.previous[sig])
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def __bool__(self):
         if self.group is None:
             return self.flag
-        import torch.distributed as dist
         flag = torch.tensor([float(self.flag)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())
-
-
-class RandomData(torch.utils.data.Dataset):
-    """--bench: random uint8 images and latent moments of the real shapes, made on the fly."""
-    latent_scale = LATENT_SCALE
-    num_classes = NUM_CLASSES
-
-    def __init__(self, resolution, n=1 << 20):
-        self.resolution, self.n = resolution, n
-
-    def __len__(self):
-        return self.n
-
-    def __getitems__(self, indices):
-        b, r = len(indices), self.resolution
-        return (torch.randint(0, 256, (b, 3, r, r), dtype=torch.uint8),
-                torch.randn(b, 8, r // 8, r // 8).abs_(), torch.randint(0, self.num_classes, (b,)))
-
-
-def bench_data(cfg):
-    """Reader throughput, as training reads it (DataLoader, workers, batches of --batch-size).
-    An empty --data-dir is first filled with random shards of the real shapes."""
-    import time
-    if not os.path.exists(os.path.join(cfg.data_dir, "manifest.json")):
-        os.makedirs(cfg.data_dir, exist_ok=True)
-        r, n = cfg.resolution, 5_000
-        rng = np.random.default_rng(0)
-        for k in range(4):
-            write_shard(cfg.data_dir, k, rng.integers(0, 256, (n, 3, r, r), np.uint8),
-                        rng.standard_normal((n, 8, r // 8, r // 8), np.float32),
-                        rng.integers(0, NUM_CLASSES, n))
-        write_manifest(cfg.data_dir, 4, r, [str(c) for c in range(NUM_CLASSES)], "random")
-    dataset = ShardDataset(cfg.data_dir)
-    data = iter(loader(dataset, ResumableBatches(len(dataset), cfg.batch_size, seed=cfg.seed),
-                       cfg.num_workers))
-    next(data)  # start the workers
-    start, seen = time.perf_counter(), 0
-    while seen < cfg.bench_data:
-        seen += len(next(data)[2])
-    print(f"reader: {seen / (time.perf_counter() - start):.0f} samples/s ({len(dataset)} samples, "
-          f"{dataset.resolution} px, batch {cfg.batch_size}, {cfg.num_workers} workers)")
 
 
 def git_revision():
@@ -987,93 +1008,124 @@ def git_revision():
         return "unknown"
 
 
+# A resumed run must be the same experiment: these fields change the method or the data order
+METHOD_FIELDS = ("demo", "model", "enc_type", "encoder_depth", "projector_dim", "proj_coeff",
+                 "path_type", "weighting", "cfg_prob", "qk_norm", "batch_size", "seed")
+
+
+def build(cfg, device):
+    """(dataset, encoders, model_kwargs) for a run: the demo's, random data for --bench, or the
+    prepared shards with the pretrained encoders."""
+    if cfg.demo:
+        return DemoDataset(), demo_encoders(device), dict(
+            DEMO["model_kwargs"], class_dropout_prob=cfg.cfg_prob, qk_norm=cfg.qk_norm, z_dims=[
+                PatchStats.embed_dim])
+    dataset = RandomData(cfg.resolution) if cfg.bench else ShardDataset(cfg.data_dir)
+    # --bench: the same encoder classes with random weights (the cost is the same)
+    encoders = load_encoders(cfg.enc_type, dataset.resolution, device,
+                             **({"pretrained": False} if cfg.bench else {}))
+    model_kwargs = size_config(cfg.model)
+    model_kwargs.update(input_size=dataset.resolution // 8, num_classes=dataset.num_classes,
+                        projector_dim=cfg.projector_dim, class_dropout_prob=cfg.cfg_prob,
+                        qk_norm=cfg.qk_norm, z_dims=[e.dim for e in encoders])
+    if cfg.encoder_depth:
+        model_kwargs["encoder_depth"] = cfg.encoder_depth
+    tokens = (model_kwargs["input_size"] // model_kwargs["patch_size"]) ** 2
+    for enc in encoders:  # eq. (8) pairs SiT token n with encoder patch n
+        if enc.tokens != tokens:
+            raise UserError(f"REPA pairs each SiT token with an encoder patch, but {enc.name} "
+                            f"gives {enc.tokens} patches and {cfg.model} has {tokens} tokens: "
+                            f"use patch size 2")
+    return dataset, encoders, model_kwargs
+
+
+def resume_path(cfg, ckpt_dir):
+    """The checkpoint to continue from, chosen by rank 0 and sent to all: on several nodes the
+    ranks must not each pick what their own disk shows."""
+    path = None if cfg.bench or cfg.resume == "none" else (
+        newest_checkpoint(ckpt_dir) if cfg.resume == "auto" else cfg.resume)
+    if dist.is_initialized():
+        box = [path]
+        dist.broadcast_object_list(box, src=0)
+        path = box[0]
+    return path
+
+
 def train(cfg):
     """The training loop: one path for CPU, one GPU and torchrun over many GPUs and nodes."""
-    import copy
-    import json
-    import time
-    from dataclasses import asdict
     rank, world, device = setup_distributed()
     cuda = device.type == "cuda"
-    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left (the EMA, fp32)
-    torch.backends.cudnn.allow_tf32 = True
     precision = ("bf16" if cuda else "fp32") if cfg.precision == "auto" else cfg.precision
+    # TF32 for the fp32 matmuls autocast leaves (and the optimiser's); off when fp32 is asked for
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise UserError(f"batch size {cfg.batch_size} is not divisible by {world} processes x "
+                        f"{cfg.grad_accum} accumulation steps")
+    micro = cfg.batch_size // (world * cfg.grad_accum)
 
-    # --- data, encoders and model --------------------------------------------------------
-    if cfg.demo:
-        dataset, encoders = DemoDataset(), demo_encoders()
-        model_kwargs = dict(DEMO["model_kwargs"])
-    else:
-        dataset = RandomData(cfg.resolution) if cfg.bench else ShardDataset(cfg.data_dir)
-        # --bench: the same encoder classes with random weights (the cost is the same)
-        encoders = load_encoders(cfg.enc_type, dataset.resolution, device,
-                                 **({"pretrained": False} if cfg.bench else {}))
-        model_kwargs = size_config(cfg.model)
-        model_kwargs.update(input_size=dataset.resolution // 8, num_classes=dataset.num_classes,
-                            projector_dim=cfg.projector_dim)
-        if cfg.encoder_depth:
-            model_kwargs["encoder_depth"] = cfg.encoder_depth
-    model_kwargs.update(z_dims=[e.dim for e in encoders], class_dropout_prob=cfg.cfg_prob,
-                        qk_norm=cfg.qk_norm)
+    # --- data, encoders and model ------------------------------------------------------------
+    dataset, encoders, model_kwargs = build(cfg, device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run
     model = SiT(**model_kwargs).to(device)
-    for enc in encoders:  # eq. (8) pairs SiT token n with encoder patch n
-        if enc.tokens != model.x_embedder.num_patches:
-            raise UserError(f"{enc.name} gives {enc.tokens} patch tokens but the SiT has "
-                            f"{model.x_embedder.num_patches}: use patch size 2 (or 1 token each)")
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # starts equal to the model
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                             eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=cuda)
 
-    # --- the run folder and resuming ------------------------------------------------------
+    # --- the run folder and resuming ---------------------------------------------------------
     run_dir = os.path.join(cfg.results_dir, cfg.exp_name)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
-    step, epoch, position = 0, 0, 0
-    path = None if cfg.bench or cfg.resume == "none" else (
-        newest_checkpoint(ckpt_dir) if cfg.resume == "auto" else cfg.resume)
+    sampler = ResumableBatches(len(dataset), micro, rank, world, cfg.grad_accum, cfg.seed)
+    step = 0
+    path = resume_path(cfg, ckpt_dir)
     if path:
         ckpt = load_checkpoint(path)
+        stored = ckpt.get("args")
+        if isinstance(stored, dict):
+            changed = [f"{k} {stored[k]} -> {getattr(cfg, k)}" for k in METHOD_FIELDS
+                       if k in stored and stored[k] != getattr(cfg, k)]
+            if changed:
+                raise UserError(f"{path} is another experiment ({', '.join(changed)}): use "
+                                f"another --exp-name, or --resume none to start afresh")
         load_sit_weights(model, ckpt["model"])
         load_sit_weights(ema, ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
         for group in opt.param_groups:  # the command line, not the checkpoint, sets these
             group.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
         step = ckpt["steps"]
-        epoch, position = ckpt["data"]["epoch"], ckpt["data"]["position"]
+        data = ckpt.get("data")  # official checkpoints have none: restart the order at `steps`
+        sampler.start = data["epoch"] * sampler.per_epoch + data["position"] if data else step
         print0(f"resumed from {path} at step {step}")
+    start = (step, sampler.start)  # steps done and global batches consumed when this run began
     if rank == 0 and not cfg.bench:
         os.makedirs(ckpt_dir, exist_ok=True)
         atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(
             dict(config=asdict(cfg), model_kwargs=model_kwargs, git=git_revision(), world=world),
             indent=1))
-    print0(f"config {json.dumps(asdict(cfg))}\ngit {git_revision()}, world {world}, device "
-           f"{device}, {precision}; SiT {sum(p.numel() for p in model.parameters()):,} parameters")
+    print0(f"config {json.dumps(asdict(cfg))}\nmodel {json.dumps(model_kwargs)}\ngit "
+           f"{git_revision()}, world {world}, device {device}, {precision}; SiT "
+           f"{sum(p.numel() for p in model.parameters()):,} parameters")
     if cfg.demo:
         print0("demo: pixel-space SiT on procedural shapes; the alignment target is PatchStats "
                "(hand-made colour and edge features per patch), not a pretrained encoder")
-
-    if cfg.batch_size % (world * cfg.grad_accum):
-        raise UserError(f"batch size {cfg.batch_size} is not divisible by {world} processes x "
-                        f"{cfg.grad_accum} accumulation steps")
-    micro = cfg.batch_size // (world * cfg.grad_accum)
-    sampler = ResumableBatches(len(dataset), micro, rank, world, cfg.grad_accum, cfg.seed,
-                               epoch, position)
     data = iter(loader(dataset, sampler, cfg.num_workers))
-    first = (step, epoch * sampler.per_epoch + position)  # steps done, global batches consumed
 
-    net = model
-    if cfg.compile:
-        net = torch.compile(net)
+    net = torch.compile(model) if cfg.compile else model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if cuda else None)
     model.train()
-    stop = StopSignal()
+    finite = torch.ones((), dtype=torch.bool, device=device)  # no NaN/inf since the start
 
     def checkpoint(name):
-        barrier()
+        # never save weights that have seen a non-finite loss: one sync, only when saving
+        ok = finite.float()
+        if world > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if not ok.item():
+            raise UserError(f"non-finite loss before step {step}; stopping without saving, the "
+                            f"last checkpoint is kept")
         if rank == 0:
-            consumed = first[1] + step - first[0]
+            consumed = start[1] + step - start[0]
             save_checkpoint(os.path.join(ckpt_dir, name), {
                 "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                 "args": asdict(cfg), "steps": step, "model_kwargs": model_kwargs,
@@ -1081,71 +1133,77 @@ def train(cfg):
                          "position": consumed % sampler.per_epoch}})
         barrier()
 
-    # --- the loop ------------------------------------------------------------------------------
-    flops = train_flops_per_image(model, encoders)
-    peak = peak_flops(device)
+    # --- the loop ----------------------------------------------------------------------------
+    flops, peak = train_flops_per_image(model, encoders), peak_flops(device)
     sums = torch.zeros(3, device=device)  # loss, alignment, grad-norm over the log interval
     timer, done_steps = time.perf_counter(), 0
     log = open(os.path.join(run_dir, "metrics.jsonl"), "a") if rank == 0 and not cfg.bench else None
-    while step < cfg.max_steps:
-        for m in range(cfg.grad_accum):
-            # the RNG is a function of (seed, step, slot): resume and DDP need no saved RNG state,
-            # and the slot matches the data's, so 2 ranks x 1 equals 1 rank x 2 micro-batches
-            torch.manual_seed(cfg.seed * 1_000_003 + step * 4_096 + rank * cfg.grad_accum + m)
-            images, moments, labels = (t.to(device, non_blocking=True) for t in next(data))
-            with autocast:
-                zs = encode(encoders, images)  # y_* of eq. (8), frozen, no grad
-            mean, std = moments.chunk(2, dim=1)  # sample the VAE posterior, then scale
-            x = (mean + std * torch.randn_like(mean)) * dataset.latent_scale
-            # DDP all-reduces the gradients on the last micro-batch only
-            last = m == cfg.grad_accum - 1 or world == 1
-            with net.no_sync() if not last else contextlib.nullcontext():
+    if log and step:
+        log.write(json.dumps({"resumed_at": step}) + "\n")
+    with StopSignal() as stop:
+        while step < cfg.max_steps:
+            for m in range(cfg.grad_accum):
+                # the RNG is a function of (seed, step, slot): resume and DDP need no saved RNG
+                # state, and the slot matches the data's, so 2 ranks x 1 micro-batch equal
+                # 1 rank x 2 micro-batches
+                torch.manual_seed(cfg.seed * 1_000_003 + step * 4_096 + rank * cfg.grad_accum + m)
+                images, moments, labels = (t.to(device, non_blocking=True) for t in next(data))
                 with autocast:
-                    den, align = repa_loss(net, x, labels, zs, cfg.path_type, cfg.weighting)
-                    loss = den.mean() + cfg.proj_coeff * align  # eq. (9)
-                (loss / cfg.grad_accum).backward()
-            sums[:2] += torch.stack([den.mean(), align]).detach() / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        update_ema(ema, model, cfg.ema_decay)
-        sums[2] += grad_norm
-        step, done_steps = step + 1, done_steps + 1
+                    zs = encode(encoders, images)  # y_* of eq. (8), frozen, no grad
+                mean, std = moments.chunk(2, dim=1)  # sample the VAE posterior, then scale
+                x = (mean + std * torch.randn_like(mean)) * dataset.latent_scale
+                # DDP all-reduces the gradients on the last micro-batch only
+                last = m == cfg.grad_accum - 1 or world == 1
+                with net.no_sync() if not last else contextlib.nullcontext():
+                    with autocast:
+                        denoising, align = repa_loss(net, x, labels, zs, cfg.path_type,
+                                                     cfg.weighting)
+                        loss = denoising.mean() + cfg.proj_coeff * align  # eq. (9)
+                    (loss / cfg.grad_accum).backward()
+                sums[:2] += torch.stack([denoising.mean(), align]).detach() / cfg.grad_accum
+                finite &= torch.isfinite(loss.detach())
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            update_ema(ema, model, cfg.ema_decay)
+            sums[2] += grad_norm
+            step, done_steps = step + 1, done_steps + 1
 
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            # the one host-device sync of the interval
-            if world > 1:
-                torch.distributed.all_reduce(sums)
-                sums /= world
-            loss_, align_, gnorm = (sums / done_steps).tolist()
-            if not all(math.isfinite(v) for v in (loss_, align_, gnorm)):
-                raise UserError(f"non-finite loss at step {step} (loss {loss_}, alignment "
-                                f"{align_}); stopping, the last checkpoint is kept")
-            elapsed = time.perf_counter() - timer
-            per_gpu = done_steps * cfg.batch_size / world / elapsed
-            stats = dict(step=step, loss=round(loss_, 5), align=round(align_, 5),
-                         grad_norm=round(gnorm, 4), img_s=round(per_gpu * world, 1),
-                         img_s_per_device=round(per_gpu, 1))
-            if peak:
-                stats["mfu"] = round(per_gpu * flops / peak, 4)
-            if cuda:
-                stats["mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-            print0(" ".join(f"{k} {v}" for k, v in stats.items()))
-            if log:
-                log.write(json.dumps(stats) + "\n")
-                log.flush()
-            sums.zero_()
-            timer, done_steps = time.perf_counter(), 0
-        if cfg.bench:
-            continue
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
-            checkpoint(f"{step:07d}.pt")
-        elif step % cfg.latest_every == 0:
-            checkpoint("latest.pt")
-        if stop:
-            checkpoint("latest.pt")
-            print0(f"stopped by signal at step {step}; saved, resume with the same command")
-            return model, ema
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                # the one host-device sync of the interval
+                if world > 1:
+                    dist.all_reduce(sums)
+                    sums /= world
+                loss_, align_, gnorm = (sums / done_steps).tolist()
+                if not all(math.isfinite(v) for v in (loss_, align_, gnorm)):
+                    raise UserError(f"non-finite loss at step {step} (loss {loss_}, alignment "
+                                    f"{align_}); stopping, the last checkpoint is kept")
+                per_gpu = done_steps * cfg.batch_size / world / (time.perf_counter() - timer)
+                stats = dict(step=step, loss=round(loss_, 5), align=round(align_, 5),
+                             grad_norm=round(gnorm, 4), img_s=round(per_gpu * world, 1),
+                             img_s_per_device=round(per_gpu, 1))
+                if peak:
+                    stats["mfu"] = round(per_gpu * flops / peak, 4)
+                if cuda:
+                    stats["mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                print0(" ".join(f"{k} {v}" for k, v in stats.items()))
+                if log:
+                    log.write(json.dumps(stats) + "\n")
+                    log.flush()
+                sums.zero_()
+                timer, done_steps = time.perf_counter(), 0
+            if stop:
+                if not cfg.bench:
+                    checkpoint("latest.pt")
+                print0(f"stopped by signal at step {step}" +
+                       ("" if cfg.bench else "; saved, resume with the same command"))
+                break
+            if cfg.bench:
+                continue
+            if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+                checkpoint(f"{step:07d}.pt")
+            elif step % cfg.latest_every == 0:
+                checkpoint("latest.pt")
     return model, ema
 
 
@@ -1156,32 +1214,38 @@ def train(cfg):
 def parse_args(argv=None):
     """Flags generated from Config: --batch-size for batch_size, --no-compile for a bool, and the
     comment after each field in Config is its help."""
-    import argparse
-    import dataclasses
     import inspect
     import re
     helps = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(Config), re.M))
-    parser = argparse.ArgumentParser(description="REPA training (see the docstring of repa.py)")
-    for f in dataclasses.fields(Config):
+    parser = argparse.ArgumentParser(description="REPA training (see the docstring of repa.py)",
+                                     allow_abbrev=False)  # --max-step must not pass for --max-steps
+    for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or isinstance(f.default, bool):
+        if isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=helps.get(f.name))
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default,
                                 help=helps.get(f.name, "") + f" (default {f.default})")
+    args = parser.parse_args(argv)
     choices = dict(path_type=("linear", "cosine"), weighting=("uniform", "lognormal"),
                    precision=("auto", "bf16", "fp32"))
-    args = parser.parse_args(argv)
     for name, allowed in choices.items():
         if getattr(args, name) not in allowed:
             parser.error(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
+    for name in ("batch_size", "grad_accum", "max_steps", "log_every", "ckpt_every",
+                 "latest_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     cfg = Config(**vars(args))
-    if cfg.demo:  # the demo's own defaults, unless a flag was given explicitly
-        given = {a.split("=")[0][2:].replace("-", "_") for a in (argv or sys.argv[1:])
-                 if a.startswith("--")}
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in DEMO["config"].items()
-                                          if k not in given})
+    if cfg.demo:  # the demo's own model, data and defaults, unless a default is given explicitly
+        given = {a.split("=")[0][2:].replace("-", "_") for a in (sys.argv[1:] if argv is None
+                                                                  else argv) if a.startswith("--")}
+        ignored = given & {"model", "enc_type", "encoder_depth", "projector_dim", "data_dir"}
+        if ignored:
+            parser.error(f"--demo has its own model, data and encoder: drop --"
+                         f"{', --'.join(sorted(n.replace('_', '-') for n in ignored))}")
+        cfg = replace(cfg, **{k: v for k, v in DEMO["config"].items() if k not in given})
     return cfg
 
 
@@ -1197,10 +1261,10 @@ def main(argv=None):
                 cfg.max_steps, cfg.log_every = cfg.bench, max(1, cfg.bench // 2)
             train(cfg)
     except UserError as e:  # bad input: one clear line, no traceback
-        print(f"error: {e}", file=sys.stderr)
+        rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        print(f"error: {rank}{e}", file=sys.stderr)
         sys.exit(2)
     finally:
-        import torch.distributed as dist
         if dist.is_initialized():
             dist.destroy_process_group()
 
