@@ -849,6 +849,7 @@ class Config:
     # system
     precision: str = "auto"     # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     compile: bool = False       # torch.compile the SiT
+    sync_debug: bool = False    # GPU: fail on any host-device sync inside a step (after the first)
     results_dir: str = "results"
     exp_name: str = "repa"
     resume: str = "auto"        # auto (newest checkpoint of this run, if any) | none | PATH
@@ -1142,6 +1143,8 @@ def train(cfg):
         log.write(json.dumps({"resumed_at": step}) + "\n")
     with StopSignal() as stop:
         while step < cfg.max_steps:
+            if cfg.sync_debug and cuda and step > start[0]:
+                torch.cuda.set_sync_debug_mode("error")  # the step must not wait for the GPU
             for m in range(cfg.grad_accum):
                 # the RNG is a function of (seed, step, slot): resume and DDP need no saved RNG
                 # state, and the slot matches the data's, so 2 ranks x 1 micro-batch equal
@@ -1168,6 +1171,8 @@ def train(cfg):
             update_ema(ema, model, cfg.ema_decay)
             sums[2] += grad_norm
             step, done_steps = step + 1, done_steps + 1
+            if cfg.sync_debug and cuda:
+                torch.cuda.set_sync_debug_mode("default")  # logging and saving may sync
 
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 # the one host-device sync of the interval

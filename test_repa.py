@@ -719,6 +719,80 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path)
     assert repa.load_checkpoint(str(tmp_path / "demo" / "checkpoints" / "0000002.pt"))["steps"] == 2
 
 
+def test_sigterm_to_the_process_group_with_loader_workers(tmp_path):
+    # schedulers signal the whole group: the DataLoader workers must not die before the save
+    import signal
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "repa.py"), *DEMO_FAST,
+                             "--max-steps", "200", "--num-workers", "2",
+                             "--results-dir", str(tmp_path)], cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("step 3 "):
+            break
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert repa.load_checkpoint(str(tmp_path / "demo" / "checkpoints" / "latest.pt"))["steps"] >= 3
+
+
+def test_a_non_finite_loss_is_never_saved(tmp_path):
+    # latest.pt falls due at step 2, before the first log line at step 5
+    out = run_repa(*DEMO_FAST, "--log-every", "5", "--latest-every", "2", "--max-steps", "10",
+                   "--lr", "1e30", "--results-dir", str(tmp_path))
+    assert out.returncode == 2 and "non-finite" in out.stderr
+    ckpts = tmp_path / "demo" / "checkpoints"
+    assert not os.path.exists(ckpts) or not os.listdir(ckpts)
+
+
+def test_resume_from_an_official_checkpoint_and_refusal_of_another_experiment(tmp_path):
+    import argparse
+    first = run_repa(*DEMO_FAST, "--max-steps", "2", "--results-dir", str(tmp_path / "a"))
+    assert first.returncode == 0
+    ours = repa.load_checkpoint(str(tmp_path / "a" / "demo" / "checkpoints" / "0000002.pt"))
+    official = {k: ours[k] for k in ("model", "ema", "opt", "steps")}
+    official["args"] = argparse.Namespace(model="SiT-XL/2")  # no "data", no model_kwargs
+    torch.save(official, tmp_path / "official.pt")
+    out = run_repa(*DEMO_FAST, "--max-steps", "3", "--resume", str(tmp_path / "official.pt"),
+                   "--results-dir", str(tmp_path / "b"))
+    assert out.returncode == 0 and "at step 2" in out.stdout, out.stderr[-2000:]
+    # the same run folder with another method: one line, and the checkpoint is kept
+    out = run_repa(*DEMO_FAST, "--max-steps", "4", "--proj-coeff", "1.0",
+                   "--results-dir", str(tmp_path / "a"))
+    assert out.returncode == 2 and "another experiment (proj_coeff 0.5 -> 1.0)" in out.stderr
+    assert out.stderr.strip().count("\n") == 0
+    assert os.listdir(tmp_path / "a" / "demo" / "checkpoints") == ["0000002.pt"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--log-every", "0"], "--log-every must be at least 1"),
+    (["--grad-accum", "0"], "--grad-accum must be at least 1"),
+    (["--max-step", "3"], "unrecognized arguments"),
+    (["--demo", "--model", "XL/2"], "--demo has its own model"),
+    (["--path-type", "edm"], "--path-type must be one of")])
+def test_bad_flags_are_one_clear_line(flags, message):
+    with pytest.raises(SystemExit):
+        repa.parse_args(flags)
+    out = run_repa(*flags)
+    assert out.returncode == 2 and message in out.stderr
+
+
+def test_reader_benchmark_never_fills_a_folder_that_has_data(tmp_path):
+    (tmp_path / "half_prepared").mkdir()
+    (tmp_path / "half_prepared" / "shard-00000").mkdir()
+    out = run_repa("--bench-data", "10", "--data-dir", str(tmp_path / "half_prepared"))
+    assert out.returncode == 2 and "no prepared dataset" in out.stderr
+    assert os.listdir(tmp_path / "half_prepared") == ["shard-00000"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_training_steps_have_no_host_sync(tmp_path):
+    # --sync-debug makes CUDA raise on any host-device sync inside a step (bf16 autocast, the
+    # encoder, the loss, fused AdamW, the EMA); logging and checkpoints are outside the step
+    out = run_repa(*DEMO_FAST, "--max-steps", "4", "--num-workers", "2", "--sync-debug",
+                   "--results-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
 def test_flags_are_generated_from_the_config():
     cfg = repa.parse_args(["--batch-size", "32", "--no-qk-norm", "--path-type", "cosine"])
     assert cfg.batch_size == 32 and cfg.path_type == "cosine" and cfg.lr == 1e-4
