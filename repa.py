@@ -489,7 +489,9 @@ class PatchStats(nn.Module):
 
 
 def demo_encoders(device="cpu"):
-    return [Encoder("demo-patchstats", PatchStats(), 32, *_channels((0, 0, 0), (1, 1, 1), device))]
+    pixels = 32  # the demo's images, used as they are
+    return [Encoder("demo-patchstats", PatchStats(), pixels,
+                    *_channels((0, 0, 0), (1, 1, 1), device))]
 
 
 #################################################################################
@@ -637,7 +639,8 @@ def write_manifest(out, n_shards, resolution, classes, vae_name):
     failed = [f for d in names for f in json.load(open(os.path.join(out, d, "failed.json")))]
     manifest = {"resolution": resolution, "vae": vae_name, "classes": classes,
                 "count": sum(s["count"] for s in shards), "shards": shards, "failed": failed}
-    atomic_write_text(os.path.join(out, "manifest.json"), json.dumps(manifest, indent=1))
+    atomic_write(os.path.join(out, "manifest.json"), lambda f: json.dump(manifest, f, indent=1),
+                 "w")
     return manifest
 
 
@@ -931,23 +934,19 @@ def peak_flops(device):
     return None
 
 
-def atomic_write_text(path, text):
-    """Write to a temporary file, then rename: a reader never sees a half-written file."""
+def atomic_write(path, write, mode="wb"):
+    """write(f) into a temporary file, fsync, then rename over `path`: a crash (even SIGKILL)
+    mid-write leaves the previous file of that name intact, and no reader sees half a file."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, mode) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
 def save_checkpoint(path, state):
-    """torch.save to a temporary file, fsync, then rename: a crash (even SIGKILL) mid-write
-    leaves the previous checkpoint of that name intact."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path):
@@ -1100,9 +1099,10 @@ def train(cfg):
     start = (step, sampler.start)  # steps done and global batches consumed when this run began
     if rank == 0 and not cfg.bench:
         os.makedirs(ckpt_dir, exist_ok=True)
-        atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(
-            dict(config=asdict(cfg), model_kwargs=model_kwargs, git=git_revision(), world=world),
-            indent=1))
+        run_info = dict(config=asdict(cfg), model_kwargs=model_kwargs, git=git_revision(),
+                        world=world)
+        atomic_write(os.path.join(run_dir, "config.json"),
+                     lambda f: json.dump(run_info, f, indent=1), "w")
     print0(f"config {json.dumps(asdict(cfg))}\nmodel {json.dumps(model_kwargs)}\ngit "
            f"{git_revision()}, world {world}, device {device}, {precision}; SiT "
            f"{sum(p.numel() for p in model.parameters()):,} parameters")

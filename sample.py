@@ -309,12 +309,10 @@ def save_grid(images, classes, path):
 
 
 def save_png(image, path):
-    """Write atomically (a temporary name, then a rename), so that a killed run never leaves a
-    truncated PNG that a restart would take as done."""
+    """Written atomically, so that a killed run never leaves a truncated PNG that a restart would
+    take as done."""
     from PIL import Image
-    tmp = f"{path}.tmp"
-    Image.fromarray(image.numpy()).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    repa.atomic_write(path, lambda f: Image.fromarray(image.numpy()).save(f, format="PNG"))
 
 
 def write_npz(folder, num):
@@ -330,9 +328,7 @@ def write_npz(folder, num):
     arr = np.empty((num, *first.shape), dtype=np.uint8)  # preallocated: 50K x 256^2 x 3 = 9.8 GB
     for i in tqdm(range(num), desc="building .npz"):
         arr[i] = np.asarray(Image.open(f"{folder}/{i:06d}.png").convert("RGB"))
-    tmp = f"{folder}.tmp.npz"  # np.savez appends .npz to names without it
-    np.savez(tmp, arr_0=arr)
-    os.replace(tmp, f"{folder}.npz")
+    repa.atomic_write(f"{folder}.npz", lambda f: np.savez(f, arr_0=arr))
     return f"{folder}.npz"
 
 
