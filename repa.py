@@ -126,11 +126,12 @@ class TimestepEmbedder(nn.Module):
 class LabelEmbedder(nn.Module):
     """Class label -> vector. The extra row `num_classes` is the null label used by classifier-free
     guidance: in training, each label is replaced by it with probability `dropout_prob`, so that
-    the same network learns both v(x, t, y) and v(x, t, null)."""
+    the same network learns both v(x, t, y) and v(x, t, null). As in the official code, a model
+    trained without dropout has no null row (and so no guidance)."""
 
     def __init__(self, num_classes, hidden_size, dropout_prob):
         super().__init__()
-        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+        self.embedding_table = nn.Embedding(num_classes + (dropout_prob > 0), hidden_size)
         self.num_classes, self.dropout_prob = num_classes, dropout_prob
 
     def forward(self, y):

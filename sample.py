@@ -446,6 +446,9 @@ def run(args):
     model, info = load_checkpoint(args.ckpt, device, use_ema=args.ema, model=args.model,
                                   resolution=args.resolution, encoder_depth=args.encoder_depth,
                                   path_type=args.path_type)
+    if args.cfg_scale > 1 and model.y_embedder.embedding_table.num_embeddings == model.num_classes:
+        raise repa.UserError("this model was trained without label dropout (cfg_prob 0), so it "
+                             "has no null label to guide with: use --cfg-scale 1")
     # samples are decoded with ft-ema (official), although the latents were made with ft-mse
     vae = None if info["pixel_space"] else repa.load_vae(VAES.get(args.vae, args.vae), device)
     sample_dir = args.sample_dir or default_sample_dir(info["path"])

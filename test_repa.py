@@ -119,6 +119,15 @@ def test_label_dropout_only_in_training_and_null_is_num_classes():
     assert all(d != k for d, k in zip(dropped, kept)) and 1 <= sum(dropped) <= 20
 
 
+def test_without_label_dropout_there_is_no_null_row_as_in_the_official_code(tmp_path, capsys):
+    model = tiny_model(class_dropout_prob=0.0)
+    assert model.y_embedder.embedding_table.num_embeddings == 1000  # strict-loads official ones
+    save_ours(tmp_path / "nodrop.pt", class_dropout_prob=0.0)
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", str(tmp_path / "nodrop.pt"), "--cfg-scale", "2"])
+    assert "no null label" in capsys.readouterr().err
+
+
 def test_size_table_accepts_official_names():
     assert repa.size_config("SiT-XL/2") == repa.size_config("XL/2") == dict(
         depth=28, hidden_size=1152, num_heads=16, patch_size=2, encoder_depth=8)
