@@ -683,13 +683,15 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
     import time
     code = ("import sys, torch, repa\n"
             "repa.save_checkpoint(sys.argv[1], {'steps': 1})\n"
-            "print('saved', flush=True)\n"
             "repa.save_checkpoint(sys.argv[1], {'steps': 2, 'w': torch.zeros(2**28)})\n")
     path = tmp_path / "latest.pt"
-    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=HERE,
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "saved"
-    time.sleep(0.3)  # inside the 1 GB write
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=HERE)
+    deadline = time.time() + 60
+    while not path.exists() or not any(f.name.startswith("latest.pt.tmp") and
+                                       f.stat().st_size > 0 for f in tmp_path.iterdir()):
+        # wait until the first checkpoint is in place and the second write has begun
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert repa.load_checkpoint(str(path))["steps"] == 1
