@@ -612,7 +612,7 @@ def weights(path):
 
 def test_one_ddp_step_on_two_processes_equals_accumulation(tmp_path):
     a = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        "--master_port=29517", os.path.join(HERE, "repa.py"), *DEMO_FAST,
+                        "--standalone", os.path.join(HERE, "repa.py"), *DEMO_FAST,
                         "--max-steps", "2", "--results-dir", str(tmp_path / "ddp")],
                        capture_output=True, text=True, timeout=300, cwd=HERE)
     assert a.returncode == 0, a.stderr[-2000:]
