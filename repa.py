@@ -865,7 +865,7 @@ class Config:
 # --demo: a small SiT on 32 x 32 pixels in 10 classes (see DemoDataset, PatchStats)
 DEMO = dict(model_kwargs=dict(input_size=32, patch_size=4, in_channels=3, hidden_size=128, depth=6,
                               num_heads=4, encoder_depth=2, projector_dim=256, num_classes=10),
-            config=dict(batch_size=32, max_steps=800, log_every=50, ckpt_every=400,
+            config=dict(batch_size=32, max_steps=800, log_every=25, ckpt_every=400,
                         latest_every=200, num_workers=0, exp_name="demo", lr=1e-3,
                         ema_decay=0.99))  # more small steps beat fewer big ones in 2 minutes
 

@@ -1222,7 +1222,7 @@ def test_demo_trains_and_both_losses_fall(tmp_path):
     rows = [json.loads(l) for l in open(tmp_path / "demo" / "metrics.jsonl")]
     first, last = rows[0], rows[-1]
     assert last["step"] == repa.DEMO["config"]["max_steps"]
-    assert last["loss"] < 0.8 * first["loss"] and last["align"] < first["align"] - 0.1
+    assert last["loss"] < 0.8 * first["loss"] and last["align"] < first["align"] - 0.05
     assert os.path.isfile(tmp_path / "demo" / "checkpoints" / f"{last['step']:07d}.pt")
     # and its samples: a grid on the CPU in under a minute
     grid = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--ckpt",
