@@ -238,9 +238,16 @@ def load_checkpoint(path, device="cpu", use_ema=True, **overrides):
     cfg = {**PLAIN_DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
     if fmt != "ours":
         # official latents are 8x downsampled by the SD-VAE: 256 px -> 32 x 32 x 4
+        num_classes = cfg.get("num_classes", repa.NUM_CLASSES)
+        rows = next((v.shape[0] for k, v in state_dict.items()
+                     if k.endswith("embedding_table.weight")), num_classes + 1)
         kwargs = dict(input_size=cfg["resolution"] // 8, encoder_depth=cfg["encoder_depth"],
-                      num_classes=cfg.get("num_classes", repa.NUM_CLASSES),
-                      qk_norm=cfg.get("qk_norm", False), z_dims=_z_dims(state_dict))
+                      num_classes=num_classes, qk_norm=cfg.get("qk_norm", False),
+                      z_dims=_z_dims(state_dict),
+                      projector_dim=next((v.shape[0] for k, v in state_dict.items()
+                                          if k.endswith("projectors.0.0.weight")), 2048),
+                      # the null row exists only if it was trained with label dropout
+                      class_dropout_prob=0.1 if rows > num_classes else 0.0)
     with torch.device(device):  # initialised where it runs: XL/2's init takes a while on a CPU
         model = repa.SiT(**kwargs) if fmt == "ours" else repa.build_model(cfg["model"], **kwargs)
     repa.load_sit_weights(model, state_dict)  # strict; one clear line when it does not fit

@@ -1128,6 +1128,20 @@ def test_checkpoint_layouts_load(tmp_path):
     assert "does not fit" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_official_checkpoint_without_label_dropout_loads(tmp_path):
+    import argparse
+    model = fill_(tiny_model(class_dropout_prob=0.0))  # 1000 label rows, no null row
+    args = argparse.Namespace(model="SiT-XL/2", resolution=64, encoder_depth=2, num_classes=1000,
+                              qk_norm=False, path_type="linear", cfg_prob=0.0)
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "args": args,
+                "steps": 1}, tmp_path / "official.pt")
+    small = dict(depth=4, hidden_size=64, num_heads=4, patch_size=2, encoder_depth=2)
+    with pytest.MonkeyPatch.context() as mp:  # a tiny "XL/2", so the test stays small
+        mp.setitem(repa.SIZES, "XL/2", small)
+        loaded, info = sample.load_checkpoint(str(tmp_path / "official.pt"))
+    assert loaded.y_embedder.embedding_table.num_embeddings == 1000 and info["format"] == "official"
+
+
 def test_missing_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         sample.main(["--ckpt", str(tmp_path / "none.pt")])
