@@ -837,6 +837,7 @@ class Config:
     data_dir: str = "data/imagenet256"
     resolution: int = 256       # for --prepare and the benchmarks (training reads the manifest)
     vae: str = "stabilityai/sd-vae-ft-mse"  # for --prepare
+    shard_size: int = 10_000    # images per shard, for --prepare (the unit of resumption)
     num_workers: int = 4
     # optimisation
     batch_size: int = 256       # global, over all GPUs and accumulation steps
@@ -1240,7 +1241,7 @@ def parse_args(argv=None):
         if getattr(args, name) not in allowed:
             parser.error(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
     for name in ("batch_size", "grad_accum", "max_steps", "log_every", "ckpt_every",
-                 "latest_every"):
+                 "latest_every", "shard_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     cfg = Config(**vars(args))
@@ -1259,7 +1260,7 @@ def main(argv=None):
     cfg = parse_args(argv)
     try:
         if cfg.prepare:
-            prepare(cfg.prepare, cfg.data_dir, cfg.resolution, cfg.vae)
+            prepare(cfg.prepare, cfg.data_dir, cfg.resolution, cfg.vae, cfg.shard_size)
         elif cfg.bench_data:
             bench_data(cfg)
         else:

@@ -540,6 +540,15 @@ def run_repa(*args, env=None, timeout=300):
                           timeout=timeout, cwd=HERE)
 
 
+def test_prepare_from_the_command_line(tmp_path):
+    src, vae = image_folder(tmp_path / "src"), tiny_vae(tmp_path / "vae")
+    out = run_repa("--prepare", str(src), "--data-dir", str(tmp_path / "o"), "--vae", vae,
+                   "--resolution", "16", "--shard-size", "3")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "prepared 9 images in 4 shards" in out.stdout and "broken.JPEG" in out.stdout
+    assert len(repa.ShardDataset(str(tmp_path / "o"))) == 9
+
+
 def test_prepare_errors_are_one_line_and_keep_what_was_written(tmp_path):
     out = run_repa("--prepare", str(tmp_path / "missing"), "--data-dir", str(tmp_path / "o"))
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
