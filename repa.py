@@ -24,12 +24,22 @@ Glossary: h_phi = projector (one per encoder); encoder_depth = the block whose o
 Commands
 --------
   pip install -r requirements.txt && python -m pytest -q test_repa.py       # set up and test
-  python repa.py --demo                              # REPA on built-in shapes, CPU, ~2 minutes
+  python repa.py --demo                              # REPA on built-in shapes, CPU, ~3 minutes
   torchrun --nproc_per_node=8 repa.py --prepare IMAGENET/train --data-dir data/imagenet256
   torchrun --nproc_per_node=8 repa.py --model XL/2 --data-dir data/imagenet256   # the paper
   python repa.py --bench 30 --model XL/2 --batch-size 64 --compile   # img/s and MFU, no data
   python sample.py --ckpt results/demo                                # a grid of samples
   torchrun --nproc_per_node=8 sample.py --ckpt results/repa --num-fid-samples 50000  # FID .npz
+
+Map of this file
+----------------
+  I   The method     interpolant and t; SiT (embeddings, block, projector, size table, loading);
+                     the loss (eqs. 3, 8, 9); the frozen encoders. Depends on torch and timm only:
+                     a reader who stops here has the whole method and can paste it.
+  II  Data           processes and files; the SD-VAE; ImageNet -> shards; the reader and its
+                     resumable order; the demo's data and alignment target.
+  III Training       the config and its checks; EMA, checkpoints, signals; one step; the loop;
+                     the command line. Only `main` looks forward.
 """
 import argparse
 import contextlib
@@ -38,9 +48,11 @@ import datetime
 import json
 import math
 import os
+import pickle
 import signal
 import sys
 import time
+import zipfile
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -51,13 +63,24 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
 
 LATENT_SCALE = 0.18215  # SD-VAE latents are scaled to roughly unit variance (LDM paper, sec. 4.3)
+VAE_DOWNSAMPLE = 8      # the SD-VAE maps 256 x 256 x 3 pixels to 32 x 32 x 4 latents
 NUM_CLASSES = 1000      # ImageNet; the null (unconditional) label is index `num_classes`
+CLASS_DROPOUT = 0.1     # labels dropped to the null label in training, for guidance (CFG)
+PROJECTOR_DIM = 2048    # width of the projector h_phi's hidden layers (official)
+PATH_TYPES = ("linear", "cosine")
+WEIGHTINGS = ("uniform", "lognormal")
 
 
 class UserError(Exception):
     """A problem with the user's input (a name, a file, a checkpoint). The command line prints it as
     one line, without a traceback; library callers get it as an ordinary exception."""
 
+
+#################################################################################################
+#                                                                                               #
+#   PART I. THE METHOD: interpolant, SiT with projectors, the REPA loss, the frozen encoders    #
+#                                                                                               #
+#################################################################################################
 
 #################################################################################
 #                     The stochastic interpolant (eqs. 1-2)                     #
@@ -68,31 +91,38 @@ def interpolant(t, path_type="linear"):
 
     Both paths go from data (t = 0: alpha = 1, sigma = 0) to noise (t = 1: alpha = 0, sigma = 1).
     The linear path is rectified flow; the cosine path keeps alpha^2 + sigma^2 = 1 (variance
-    preserving). This is the only place where the path's math lives: the loss and the samplers
-    (sample.py) both call it."""
+    preserving). The path's math lives here and in its inverse below: the loss and the samplers
+    (sample.py) both call them."""
     if path_type == "linear":
         return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
     if path_type == "cosine":
         angle = t * (math.pi / 2)
         return (torch.cos(angle), torch.sin(angle),
                 -(math.pi / 2) * torch.sin(angle), (math.pi / 2) * torch.cos(angle))
-    raise UserError(f"unknown path type {path_type!r}: choose 'linear' or 'cosine'")
+    raise UserError(f"unknown path type {path_type!r}: choose one of {', '.join(PATH_TYPES)}")
+
+
+def noise_ratio_time(ratio, path_type="linear"):
+    """The t at which the path's noise-to-signal ratio sigma_t / alpha_t equals `ratio`:
+    t / (1 - t) = ratio on the linear path, tan(pi t / 2) = ratio on the cosine path."""
+    if path_type == "linear":
+        return ratio / (1 + ratio)
+    if path_type == "cosine":
+        return (2 / math.pi) * torch.atan(ratio)
+    raise UserError(f"unknown path type {path_type!r}: choose one of {', '.join(PATH_TYPES)}")
 
 
 def sample_t(batch, weighting="uniform", path_type="linear", device=None):
     """Training times t in [0, 1], shape (batch,).
 
     uniform:   t ~ U(0, 1), the SiT default and the paper's.
-    lognormal: the EDM noise-level distribution, sigma = exp(n) with n ~ N(0, 1), mapped to the t
-               at which the path's noise-to-signal ratio sigma_t / alpha_t equals sigma
-               (t = sigma / (1 + sigma) for linear, t = (2 / pi) atan(sigma) for cosine). It puts
-               more training at middle noise levels."""
+    lognormal: the EDM noise-level distribution, sigma = exp(n) with n ~ N(0, 1), at the t where
+               the path's noise-to-signal ratio is sigma. It puts more training at middle noise."""
     if weighting == "uniform":
         return torch.rand(batch, device=device)
     if weighting == "lognormal":
-        sigma = torch.randn(batch, device=device).exp()
-        return sigma / (1 + sigma) if path_type == "linear" else (2 / math.pi) * torch.atan(sigma)
-    raise UserError(f"unknown weighting {weighting!r}: choose 'uniform' or 'lognormal'")
+        return noise_ratio_time(torch.randn(batch, device=device).exp(), path_type)
+    raise UserError(f"unknown weighting {weighting!r}: choose one of {', '.join(WEIGHTINGS)}")
 
 
 #################################################################################
@@ -120,7 +150,9 @@ class TimestepEmbedder(nn.Module):
         freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
         args = t[:, None].float() * freqs[None]
         code = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # cos first, as in GLIDE/DiT
-        return self.mlp(code.to(t.dtype))
+        # SiT's t is in the latents' dtype (the official casts the code to it); integer DDPM
+        # timesteps (DiT) keep the float32 code
+        return self.mlp(code.to(t.dtype) if t.is_floating_point() else code)
 
 
 class LabelEmbedder(nn.Module):
@@ -208,12 +240,14 @@ def projector(hidden_size, projector_dim, z_dim):
 class SiT(nn.Module):
     """Scalable Interpolant Transformer (Ma et al. 2024): DiT's architecture trained on the
     interpolant of eq. (1), plus REPA's projectors reading block `encoder_depth` (1-based).
+    The defaults are SiT-XL/2's with one DINOv2-B target.
 
     forward(x, t, y) -> (v, zs): v has x's shape; zs[k] is (B, tokens, z_dims[k])."""
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
-                 num_heads=16, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=NUM_CLASSES,
-                 encoder_depth=8, z_dims=(768,), projector_dim=2048, qk_norm=False):
+                 num_heads=16, mlp_ratio=4.0, class_dropout_prob=CLASS_DROPOUT,
+                 num_classes=NUM_CLASSES, encoder_depth=8, z_dims=(768,),
+                 projector_dim=PROJECTOR_DIM, qk_norm=False):
         super().__init__()
         if not 1 <= encoder_depth <= depth:
             raise UserError(f"encoder_depth must be in [1, {depth}], got {encoder_depth}")
@@ -252,7 +286,7 @@ class SiT(nn.Module):
 
     def unpatchify(self, x):
         """(B, h*w, p*p*C) tokens -> (B, C, h*p, w*p) image."""
-        p, c = self.patch_size, self.in_channels
+        p, c = self.patch_size, x.shape[-1] // self.patch_size ** 2
         h = w = int(x.shape[1] ** 0.5)
         x = x.reshape(x.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
@@ -268,9 +302,10 @@ class SiT(nn.Module):
 
 
 # Sizes of the SiT paper (table 1), with REPA's alignment depth: 8 for L and XL and, from the
-# official issue #5, 4 for B. S is not in the paper; it gets 4, like B (12 blocks too).
-_WIDTHS = {"S": (12, 384, 6, 4), "B": (12, 768, 12, 4), "L": (24, 1024, 16, 8),
-           "XL": (28, 1152, 16, 8)}
+# official issue #5, 4 for B. S is not in the paper; it gets 4, like B (12 blocks too). T (tiny)
+# is not in any paper either: it is the demo's CPU-sized model.
+_WIDTHS = {"T": (6, 128, 4, 2), "S": (12, 384, 6, 4), "B": (12, 768, 12, 4),
+           "L": (24, 1024, 16, 8), "XL": (28, 1152, 16, 8)}
 SIZES = {f"{name}/{p}": dict(depth=d, hidden_size=h, num_heads=n, patch_size=p, encoder_depth=e)
          for name, (d, h, n, e) in _WIDTHS.items() for p in (2, 4, 8)}
 
@@ -292,10 +327,9 @@ def load_sit_weights(model, state_dict):
     """Load ours or an official SiT state dict strictly, with one clear error when it is for
     another model. The released XL/2 `last.pt` names the blocks after `encoder_depth`
     `decoder_blocks.N`; they are `blocks.(N + encoder_depth)` here."""
-    state_dict = {k.removeprefix("module.").removeprefix("_orig_mod."): v
-                  for k, v in state_dict.items()}
     renamed = {}
     for k, v in state_dict.items():
+        k = k.removeprefix("module.").removeprefix("_orig_mod.")  # DDP / torch.compile wrappers
         if k.startswith("decoder_blocks."):
             _, n, rest = k.split(".", 2)
             k = f"blocks.{int(n) + model.encoder_depth}.{rest}"
@@ -319,9 +353,29 @@ def load_sit_weights(model, state_dict):
 #                          The REPA loss (eqs. 3, 8, 9)                         #
 #################################################################################
 
+def alignment_loss(zs_pred, zs):
+    """Eq. (8): -cos(y_*^[n], h_phi(h_t^[n])) per patch n, averaged over patches, samples and
+    encoders. zs_pred[k] and zs[k] are (B, N, D_k): projector outputs and encoder features.
+
+    REPA pairs SiT token n with encoder patch n, so both lists must match one to one, and so must
+    the token counts: anything else is an error here, not a silent broadcast. The cosine is in
+    fp32: normalising in fp16 underflows to NaN (an official user report), at negligible cost."""
+    if len(zs_pred) != len(zs):
+        raise UserError(f"the model has {len(zs_pred)} projectors but {len(zs)} encoder targets")
+    terms = []
+    for k, (zp, z) in enumerate(zip(zs_pred, zs, strict=True)):
+        if zp.shape != z.shape:
+            raise UserError(f"projector {k} gives {tuple(zp.shape)} but encoder {k} gives "
+                            f"{tuple(z.shape)}: REPA needs one SiT token per encoder patch "
+                            f"(e.g. patch size 2 for a 16 x 16 DINOv2 grid) and equal widths")
+        cos = (F.normalize(zp.float(), dim=-1) * F.normalize(z.float(), dim=-1)).sum(-1)
+        terms.append(-cos.mean())
+    return torch.stack(terms).mean()
+
+
 def repa_loss(model, x, y, zs, path_type="linear", weighting="uniform", t=None, noise=None):
     """(denoising_loss (B,), alignment_loss scalar) for clean latents x (B, C, H, W), labels y and
-    the encoder targets zs (a list of (B, N, D_k)). The total is denoising.mean() + lambda * align.
+    the encoder targets zs (a list of (B, N, D_k)). Combine them with `total_loss` (eq. 9).
 
     t (B,) and noise (x's shape) are drawn when not given, in the official order (t, then noise,
     then the label dropout inside the model): on a CPU, from the same global RNG state, the
@@ -333,12 +387,14 @@ def repa_loss(model, x, y, zs, path_type="linear", weighting="uniform", t=None, 
     v_target = d_alpha * x + d_sigma * noise                         # eq. (2)
     v_pred, zs_pred = model(x_t, t.to(x.dtype), y)
     denoising = (v_pred.float() - v_target.float()).square().mean(dim=(1, 2, 3))  # eq. (3)
-    # eq. (8): -cos per patch, averaged over patches, samples and encoders. In fp32: normalising
-    # in fp16 underflows to NaN (an official user report), and the cost is negligible.
-    align = torch.stack([
-        -(F.normalize(zp.float(), dim=-1) * F.normalize(z.float(), dim=-1)).sum(-1).mean()
-        for zp, z in zip(zs_pred, zs)]).mean()
-    return denoising, align
+    return denoising, alignment_loss(zs_pred, zs)
+
+
+def total_loss(denoising, align, proj_coeff=0.5):
+    """Eq. (9): the batch mean of the denoising loss plus lambda times the alignment loss.
+    lambda = 0.5 is the paper's (its ablation: 0.25 / 0.5 / 0.75 / 1.0 give FID 8.6 / 7.9 / 7.8 /
+    7.8 for XL/2 at 400K steps); lambda = 0 is the vanilla SiT."""
+    return denoising.mean() + proj_coeff * align
 
 
 #################################################################################
@@ -351,79 +407,46 @@ def repa_loss(model, x, y, zs, path_type="linear", weighting="uniform", t=None, 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 _VIT = {"s": "small", "b": "base", "l": "large", "g": "giant"}
-# family -> (timm architecture for a size letter, input pixels at 256 px, mean, std)
+# family -> (timm architecture for a size letter, input pixels at 256 px, mean, std, sizes)
 ENCODER_FAMILIES = {
     # the official choice: 224 px input, i.e. a 16 x 16 grid of patch-14 tokens for 256 SiT tokens
-    "dinov2": (lambda s: f"vit_{_VIT[s]}_patch14_dinov2.lvd142m", 224, IMAGENET_MEAN, IMAGENET_STD),
+    "dinov2": (lambda s: f"vit_{_VIT[s]}_patch14_dinov2.lvd142m", 224, IMAGENET_MEAN, IMAGENET_STD,
+               "sblg"),
     "dinov2reg": (lambda s: f"vit_{_VIT[s]}_patch14_reg4_dinov2.lvd142m", 224,
-                  IMAGENET_MEAN, IMAGENET_STD),
+                  IMAGENET_MEAN, IMAGENET_STD, "sblg"),
     # DINOv3 has patch 16 and rotary positions: 256 px gives the 16 x 16 grid with no resize
     "dinov3": (lambda s: f"vit_{_VIT[s]}_patch16_dinov3.lvd1689m", 256,
-               IMAGENET_MEAN, IMAGENET_STD),
-    "clip": (lambda s: "vit_large_patch14_clip_224.openai", 224, CLIP_MEAN, CLIP_STD),
+               IMAGENET_MEAN, IMAGENET_STD, "sbl"),
+    "clip": (lambda s: "vit_large_patch14_clip_224.openai", 224, CLIP_MEAN, CLIP_STD, "l"),
 }
-ENCODER_SIZES = {"dinov2": "sblg", "dinov2reg": "sblg", "dinov3": "sbl", "clip": "l"}
 
 
 @dataclass
 class Encoder:
     name: str           # e.g. "dinov2-vit-b"
-    model: nn.Module    # a timm VisionTransformer, frozen, in eval mode
+    model: nn.Module    # frozen, in eval mode; forward_features(x) -> (B, prefix + tokens, dim)
     size: int           # input pixels: images are resized to size x size
+    patch: int          # pixels per patch side
     mean: torch.Tensor  # (1, 3, 1, 1) on the encoder's device: no host-to-device copy per step
     std: torch.Tensor
-
-    @property
-    def dim(self):
-        return self.model.embed_dim
+    dim: int            # feature width D_k
+    prefix: int         # leading tokens to drop (CLS, registers)
 
     @property
     def tokens(self):
         """Patch tokens per image (without CLS and registers): 256 for a 16 x 16 grid."""
-        return (self.size // self.model.patch_embed.patch_size[0]) ** 2 \
-            if hasattr(self.model, "patch_embed") else (self.size // self.model.patch) ** 2
+        return (self.size // self.patch) ** 2
 
 
-def load_encoders(spec="dinov2-vit-b", resolution=256, device="cpu", **timm_kwargs):
-    """Frozen encoders for a comma-separated spec such as "dinov2-vit-b,clip-vit-l".
-
-    Each entry may end in "=PATH" to read the weights from a local file (timm or original
-    layout). `timm_kwargs` go to timm.create_model (the tests pass pretrained=False and tiny
-    widths to build the same classes with random weights)."""
-    import timm
-    if resolution not in (256, 512):
-        raise UserError(f"resolution must be 256 or 512, got {resolution}")
-    encoders = []
-    for entry in spec.split(","):
-        name, _, path = entry.strip().partition("=")
-        family, arch, size = (name.lower().split("-") + ["", "", ""])[:3]
-        if family not in ENCODER_FAMILIES or arch != "vit" or size not in ENCODER_SIZES[family]:
-            names = [f"{f}-vit-{s}" for f, sizes in ENCODER_SIZES.items() for s in sizes]
-            raise UserError(f"unknown encoder {name!r}: choose from {', '.join(names)}")
-        timm_name, pixels, mean, std = ENCODER_FAMILIES[family]
-        timm_name = timm_name(size)
-        pixels *= resolution // 256  # 512 px images: 448 px input, a 32 x 32 grid (1024 tokens)
-        kwargs = {"pretrained": True, "img_size": pixels, "num_classes": 0, **timm_kwargs}
-        if kwargs["pretrained"]:
-            path = path or _hub_weights(timm.models.get_pretrained_cfg(timm_name).hf_hub_id)
-            if not path or not os.path.isfile(path):
-                raise UserError(
-                    f"cannot load encoder {name}: " + (f"weight file {path} not found" if path else
-                    f"its weights ({timm_name}) are not in the Hugging Face cache and cannot be "
-                    f"downloaded here; on a machine with internet run python -c \"import timm; "
-                    f"timm.create_model('{timm_name}', pretrained=True)\" and copy "
-                    f"~/.cache/huggingface, or pass a file: {name}=PATH"))
-            kwargs["pretrained_cfg_overlay"] = dict(file=path)
-        try:
-            # timm resamples the stored position embedding to the new grid (bicubic, antialiased),
-            # exactly as the official code does after loading from torch.hub
-            model = timm.create_model(timm_name, **kwargs)
-        except Exception as e:  # a corrupt file, or weights of another architecture
-            raise UserError(f"cannot load encoder {name} from {path}: "
-                            f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-        model = model.to(device).eval().requires_grad_(False)
-        encoders.append(Encoder(name, model, pixels, *_channels(mean, std, device)))
-    return encoders
+def parse_encoder(entry):
+    """'dinov2-vit-b' or 'dinov2-vit-b=/path/weights' -> (name, family, size letter, path), with
+    one clear error for a name we do not know. It loads nothing, so flags can be checked first."""
+    name, _, path = entry.strip().partition("=")
+    family, arch, size = (name.lower().split("-") + ["", "", ""])[:3]
+    if family not in ENCODER_FAMILIES or arch != "vit" or size not in ENCODER_FAMILIES[family][4]:
+        names = [f"{f}-vit-{s}" for f, spec in ENCODER_FAMILIES.items() for s in spec[4]]
+        raise UserError(f"unknown encoder {name!r}: choose from {', '.join(names)}")
+    return name, family, size, path
 
 
 def _hub_reachable():
@@ -454,6 +477,46 @@ def _channels(mean, std, device):
     return [torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (mean, std)]
 
 
+def load_encoders(spec="dinov2-vit-b", resolution=256, device="cpu", **timm_kwargs):
+    """Frozen encoders for a comma-separated spec such as "dinov2-vit-b,clip-vit-l".
+
+    Each entry may end in "=PATH" to read the weights from a local file (timm or original
+    layout). `timm_kwargs` go to timm.create_model (the tests pass pretrained=False and tiny
+    widths to build the same classes with random weights)."""
+    import timm
+    if resolution not in (256, 512):
+        raise UserError(f"resolution must be 256 or 512, got {resolution}")
+    encoders = []
+    for entry in spec.split(","):
+        name, family, size, path = parse_encoder(entry)
+        timm_name, pixels, mean, std, _ = ENCODER_FAMILIES[family]
+        timm_name = timm_name(size)
+        pixels *= resolution // 256  # 512 px images: 448 px input, a 32 x 32 grid (1024 tokens)
+        kwargs = {"pretrained": True, "img_size": pixels, "num_classes": 0, **timm_kwargs}
+        if kwargs["pretrained"]:
+            path = path or _hub_weights(timm.models.get_pretrained_cfg(timm_name).hf_hub_id)
+            if not path or not os.path.isfile(path):
+                raise UserError(
+                    f"cannot load encoder {name}: " + (f"weight file {path} not found" if path else
+                    f"its weights ({timm_name}) are not in the Hugging Face cache and cannot be "
+                    f"downloaded here; on a machine with internet run python -c \"import timm; "
+                    f"timm.create_model('{timm_name}', pretrained=True)\" and copy "
+                    f"~/.cache/huggingface, or pass a file: {name}=PATH"))
+            kwargs["pretrained_cfg_overlay"] = dict(file=path)
+        try:
+            # timm resamples the stored position embedding to the new grid (bicubic, antialiased),
+            # exactly as the official code does after loading from torch.hub
+            model = timm.create_model(timm_name, **kwargs)
+        except Exception as e:  # a corrupt file, or weights of another architecture
+            raise UserError(f"cannot load encoder {name} from {path}: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        model = model.to(device).eval().requires_grad_(False)
+        encoders.append(Encoder(name, model, pixels, model.patch_embed.patch_size[0],
+                                *_channels(mean, std, device), model.embed_dim,
+                                model.num_prefix_tokens))
+    return encoders
+
+
 @torch.no_grad()
 def encode(encoders, images):
     """uint8 images (B, 3, H, W) -> a list of patch features (B, N, D_k), one per encoder.
@@ -467,36 +530,63 @@ def encode(encoders, images):
         x = (images.float() / 255 - enc.mean) / enc.std
         if x.shape[-1] != enc.size:
             x = F.interpolate(x, size=(enc.size, enc.size), mode="bicubic")
-        out.append(enc.model.forward_features(x)[:, enc.model.num_prefix_tokens:])
+        out.append(enc.model.forward_features(x)[:, enc.prefix:])
     return out
 
 
-class PatchStats(nn.Module):
-    """The demo's frozen 'encoder': hand-made features of each 4 x 4 patch (mean colour, colour
-    spread, horizontal and vertical edge energy). They carry the layout and the edges of the image,
-    as early layers of a real encoder do, but none of DINOv2's semantics: the demo shows the
-    mechanism of REPA, not its benefit. Real runs always use a pretrained encoder."""
-    embed_dim, num_prefix_tokens, patch = 8, 0, 4
+#################################################################################################
+#                                                                                               #
+#   PART II. DATA: ImageNet -> SD-VAE latents in shards, a fast resumable reader, the demo      #
+#                                                                                               #
+#################################################################################################
 
-    def forward_features(self, x):  # x: (B, 3, H, W) in [0, 1]
-        p = self.patch
-        gray = x.mean(1, keepdim=True)
-        ex = F.pad((gray[..., :, 1:] - gray[..., :, :-1]).abs(), (0, 1))
-        ey = F.pad((gray[..., 1:, :] - gray[..., :-1, :]).abs(), (0, 0, 0, 1))
-        mean = F.avg_pool2d(x, p)
-        spread = (F.avg_pool2d(x * x, p) - mean ** 2).clamp_min(0).sqrt()
-        feats = torch.cat([mean - 0.5, spread, F.avg_pool2d(ex, p), F.avg_pool2d(ey, p)], dim=1)
-        return feats.flatten(2).transpose(1, 2)  # (B, tokens, 8)
+#################################################################################
+#        Processes and files: what data preparation and training share          #
+#################################################################################
+# torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without it we are rank 0 of 1 and use no process
+# group at all. NCCL on GPUs, gloo on CPUs: the rest of the code does not care which.
+
+def setup_distributed():
+    """(rank, world, device), initialising the process group once when run under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        # an hour, not NCCL's 10 minutes: ranks of --prepare may wait that long for each other
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1))
+    rank = int(os.environ.get("RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
 
 
-def demo_encoders(device="cpu"):
-    pixels = 32  # the demo's images, used as they are
-    return [Encoder("demo-patchstats", PatchStats(), pixels,
-                    *_channels((0, 0, 0), (1, 1, 1), device))]
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def print0(*args, **kwargs):
+    """Logs come from rank 0: 8 or 64 copies of a line help nobody."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def atomic_write(path, write, mode="wb"):
+    """write(f) into a temporary file, fsync, then rename over `path`: a crash (even SIGKILL)
+    mid-write leaves the previous file of that name intact, and no reader sees half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, mode) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 #################################################################################
-#                 Data: SD-VAE latents and images, read fast                     #
+#                 The SD-VAE, and ImageNet -> shards of latents                  #
 #################################################################################
 
 def _hub_folder(repo_id):
@@ -572,45 +662,82 @@ def list_image_folder(src):
 # a temporary name and renamed when complete, so a shard folder that exists is whole; manifest.json
 # lists the shards and the unreadable files. ImageNet at 256 px: 1.28M x (196,608 + 32,768) bytes,
 # about 294 GB (251 GB of images, 42 GB of moments).
+def shard_name(k):
+    return f"shard-{k:05d}"
+
+
+def read_images(paths, resolution, bar):
+    """(uint8 (N, 3, R, R) ADM crops, indices of the readable files, 'path: error' of the rest)."""
+    from PIL import Image
+    images, keep, failed = [], [], []
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as im:
+                images.append(center_crop_adm(im.convert("RGB"), resolution))
+            keep.append(i)
+        except Exception as e:  # truncated, corrupt, not an image: list it, go on
+            failed.append(f"{path}: {type(e).__name__}")
+        bar.update(1)
+    images = np.stack(images).transpose(0, 3, 1, 2) if images else \
+        np.zeros((0, 3, resolution, resolution), np.uint8)
+    return images, keep, failed
+
+
+@torch.no_grad()
+def vae_moments(vae, images, batch_size, device):
+    """uint8 images -> the posterior mean and std of the SD-VAE, float32 (N, 8, R/8, R/8)."""
+    moments = []
+    for batch in torch.from_numpy(images).split(batch_size):
+        posterior = vae.encode(batch.to(device).float() / 127.5 - 1).latent_dist
+        moments.append(torch.cat([posterior.mean, posterior.std], dim=1).float().cpu())
+    latent = images.shape[-1] // VAE_DOWNSAMPLE
+    return torch.cat(moments).numpy() if moments else np.zeros((0, 8, latent, latent), np.float32)
+
+
+def write_shard(out, k, images, moments, labels, failed=()):
+    """Write shard k under a temporary name, then rename it: a shard folder that exists is whole,
+    so a stopped preparation is resumed by redoing only the shards that do not exist."""
+    tmp = os.path.join(out, f".{shard_name(k)}.tmp{os.getpid()}")
+    os.makedirs(tmp, exist_ok=True)
+    for name, array in [("images", images), ("moments", moments), ("labels", labels)]:
+        np.save(os.path.join(tmp, f"{name}.npy"), array)
+    with open(os.path.join(tmp, "failed.json"), "w") as f:
+        json.dump(list(failed), f)
+    os.replace(tmp, os.path.join(out, shard_name(k)))
+
+
+def write_manifest(out, n_shards, resolution, classes, vae_name):
+    """manifest.json: the shards, their sizes and every unreadable file, written last."""
+    names = [shard_name(k) for k in range(n_shards)]
+    shards = [{"name": d, "count": len(np.load(os.path.join(out, d, "labels.npy")))} for d in names]
+    failed = [f for d in names for f in json.load(open(os.path.join(out, d, "failed.json")))]
+    manifest = {"resolution": resolution, "vae": vae_name, "classes": classes,
+                "count": sum(s["count"] for s in shards), "shards": shards, "failed": failed}
+    atomic_write(os.path.join(out, "manifest.json"), lambda f: json.dump(manifest, f, indent=1),
+                 "w")
+    return manifest
+
+
 def prepare(src, out, resolution=256, vae_name="stabilityai/sd-vae-ft-mse", shard_size=10_000,
             batch_size=64):
     """ImageFolder -> shards, sharded over torchrun ranks and resumable (finished shards are
     skipped; a half-written one is redone). Unreadable images are counted and listed."""
-    from PIL import Image
     from tqdm import tqdm
     rank, world, device = setup_distributed()
     paths, labels, classes = list_image_folder(src)
     os.makedirs(out, exist_ok=True)
     chunks = [range(i, min(i + shard_size, len(paths))) for i in range(0, len(paths), shard_size)]
     # every rank lists the same missing shards and takes every world-th: balanced after a resume
-    missing = [k for k in range(len(chunks))
-               if not os.path.isdir(os.path.join(out, f"shard-{k:05d}"))]
+    missing = [k for k in range(len(chunks)) if not os.path.isdir(os.path.join(out, shard_name(k)))]
     todo = missing[rank::world]
     vae = load_vae(vae_name, device) if missing else None  # all ranks fail alike when it is absent
     bar = tqdm(total=sum(len(chunks[k]) for k in todo), disable=rank != 0, desc="prepare",
                unit="img")
     for k in todo:
-        images, keep, failed = [], [], []
-        for i in chunks[k]:
-            try:
-                with Image.open(paths[i]) as im:
-                    images.append(center_crop_adm(im.convert("RGB"), resolution))
-                keep.append(i)
-            except Exception as e:  # truncated, corrupt, not an image: list it, go on
-                failed.append(f"{paths[i]}: {type(e).__name__}")
-            bar.update(1)
-        images = np.stack(images).transpose(0, 3, 1, 2) if images else \
-            np.zeros((0, 3, resolution, resolution), np.uint8)
-        moments = []
-        with torch.no_grad():
-            for batch in torch.from_numpy(images).split(batch_size):
-                x = batch.to(device).float() / 127.5 - 1
-                posterior = vae.encode(x).latent_dist
-                moments.append(torch.cat([posterior.mean, posterior.std], dim=1).float().cpu())
-        moments = torch.cat(moments).numpy() if moments else \
-            np.zeros((0, 8, resolution // 8, resolution // 8), np.float32)
-        write_shard(out, k, images, moments, np.asarray([labels[i] for i in keep], np.int64),
-                    failed)
+        images, keep, failed = read_images([paths[i] for i in chunks[k]], resolution, bar)
+        moments = vae_moments(vae, images, batch_size, device)
+        write_shard(out, k, images, moments, np.asarray([labels[chunks[k][i]] for i in keep],
+                                                        np.int64), failed)
     bar.close()
     barrier()
     if rank == 0:
@@ -621,34 +748,15 @@ def prepare(src, out, resolution=256, vae_name="stabilityai/sd-vae-ft-mse", shar
     return out
 
 
-def write_shard(out, k, images, moments, labels, failed=()):
-    """Write shard k under a temporary name, then rename it: a shard folder that exists is whole,
-    so a stopped preparation is resumed by redoing only the shards that do not exist."""
-    tmp = os.path.join(out, f".shard-{k:05d}.tmp{os.getpid()}")
-    os.makedirs(tmp, exist_ok=True)
-    for name, array in [("images", images), ("moments", moments), ("labels", labels)]:
-        np.save(os.path.join(tmp, f"{name}.npy"), array)
-    with open(os.path.join(tmp, "failed.json"), "w") as f:
-        json.dump(list(failed), f)
-    os.replace(tmp, os.path.join(out, f"shard-{k:05d}"))
-
-
-def write_manifest(out, n_shards, resolution, classes, vae_name):
-    """manifest.json: the shards, their sizes and every unreadable file, written last."""
-    names = [f"shard-{k:05d}" for k in range(n_shards)]
-    shards = [{"name": d, "count": len(np.load(os.path.join(out, d, "labels.npy")))} for d in names]
-    failed = [f for d in names for f in json.load(open(os.path.join(out, d, "failed.json")))]
-    manifest = {"resolution": resolution, "vae": vae_name, "classes": classes,
-                "count": sum(s["count"] for s in shards), "shards": shards, "failed": failed}
-    atomic_write(os.path.join(out, "manifest.json"), lambda f: json.dump(manifest, f, indent=1),
-                 "w")
-    return manifest
-
+#################################################################################
+#               Reading: memory-mapped shards in a seeded, resumable order       #
+#################################################################################
+# Every dataset returns whole batches (images uint8 (B, 3, R, R), moments float32 (B, 2C, r, r),
+# labels int64 (B,)) from __getitems__, with `latent_scale`, `resolution` and `num_classes`.
 
 class ShardDataset(torch.utils.data.Dataset):
     """The prepared shards, memory-mapped: no decoding at training time, only copies from the
-    page cache. Indexing takes a whole batch of indices (__getitems__) and returns stacked
-    tensors (images uint8, moments float32, labels int64)."""
+    page cache."""
     latent_scale = LATENT_SCALE
 
     def __init__(self, data_dir):
@@ -678,46 +786,22 @@ class ShardDataset(torch.utils.data.Dataset):
                 torch.from_numpy(self.labels[indices]))
 
 
-class DemoDataset(torch.utils.data.Dataset):
-    """A procedural, class-conditional dataset generated in memory, for `--demo`: 32 x 32 images
-    of one coloured shape on a dark background, the class being the shape (10 kinds). Training on
-    it is in pixel space (no VAE): the 'moments' are the image in [-1, 1] with std 0, so the
-    training step is the same code as for latents, with scale 1."""
-    latent_scale = 1.0
-    num_classes, resolution = 10, 32
+class RandomData(torch.utils.data.Dataset):
+    """--bench: random uint8 images and latent moments of the real shapes, made on the fly."""
+    latent_scale = LATENT_SCALE
+    num_classes = NUM_CLASSES
 
-    def __init__(self, n=10_000, seed=0):
-        rng = np.random.default_rng(seed)
-        r = self.resolution
-        yy, xx = np.mgrid[0:r, 0:r].astype(np.float32) + 0.5
-        self.labels = rng.integers(0, self.num_classes, n)
-        cx, cy = rng.uniform(10, 22, (2, n, 1, 1))
-        size = rng.uniform(6, 10, (n, 1, 1))
-        dx, dy = (xx - cx) / size, (yy - cy) / size
-        ax, ay, rad = np.abs(dx), np.abs(dy), np.sqrt(dx ** 2 + dy ** 2)
-        shapes = [rad < 1,                                      # disk
-                  (ax < 0.8) & (ay < 0.8),                      # square
-                  (dy < 0.8) & (ax < (dy + 1) * 0.5),           # triangle
-                  ax + ay < 1,                                  # diamond
-                  ((ax < 0.25) | (ay < 0.25)) & (rad < 1),      # plus
-                  (rad < 1) & (rad > 0.6),                      # ring
-                  (ax < 1) & (ay < 0.3),                        # horizontal bar
-                  (ax < 0.3) & (ay < 1),                        # vertical bar
-                  (np.abs(ax - ay) < 0.25) & (rad < 1.1),       # X
-                  (ax < 0.9) & (ay < 0.9) & ((ax > 0.55) | (ay > 0.55))]  # hollow square
-        mask = np.choose(self.labels[:, None, None], shapes)
-        colour = rng.uniform(120, 255, (n, 3, 1, 1))
-        background = rng.uniform(0, 60, (n, 3, 1, 1))
-        self.images = np.where(mask[:, None], colour, background).astype(np.uint8)
+    def __init__(self, resolution, n=1 << 20):
+        self.resolution, self.n = resolution, n
 
     def __len__(self):
-        return len(self.labels)
+        return self.n
 
     def __getitems__(self, indices):
-        images = torch.from_numpy(self.images[indices])
-        mean = images.float() / 127.5 - 1
-        return images, torch.cat([mean, torch.zeros_like(mean)], dim=1), \
-            torch.from_numpy(self.labels[indices])
+        b, r = len(indices), self.resolution
+        latent = r // VAE_DOWNSAMPLE
+        return (torch.randint(0, 256, (b, 3, r, r), dtype=torch.uint8),
+                torch.randn(b, 8, latent, latent).abs_(), torch.randint(0, self.num_classes, (b,)))
 
 
 class ResumableBatches(torch.utils.data.Sampler):
@@ -769,137 +853,200 @@ def loader(dataset, sampler, workers=4):
         prefetch_factor=4 if workers else None)
 
 
-class RandomData(torch.utils.data.Dataset):
-    """--bench: random uint8 images and latent moments of the real shapes, made on the fly."""
-    latent_scale = LATENT_SCALE
-    num_classes = NUM_CLASSES
+#################################################################################
+#          The demo: procedural shapes, and a hand-made alignment target        #
+#################################################################################
 
-    def __init__(self, resolution, n=1 << 20):
-        self.resolution, self.n = resolution, n
+class DemoDataset(torch.utils.data.Dataset):
+    """A procedural, class-conditional dataset generated in memory, for `--demo`: 32 x 32 images
+    of one coloured shape on a dark background, the class being the shape (10 kinds). Training on
+    it is in pixel space (no VAE): the 'moments' are the image in [-1, 1] with std 0, so the
+    training step is the same code as for latents, with scale 1."""
+    latent_scale = 1.0
+    num_classes, resolution = 10, 32
+    class_names = ["disk", "square", "triangle", "diamond", "plus", "ring", "h-bar", "v-bar", "X",
+                   "frame"]
+
+    def __init__(self, n=10_000, seed=0):
+        rng = np.random.default_rng(seed)
+        r = self.resolution
+        yy, xx = np.mgrid[0:r, 0:r].astype(np.float32) + 0.5
+        self.labels = rng.integers(0, self.num_classes, n)
+        cx, cy = rng.uniform(10, 22, (2, n, 1, 1))
+        size = rng.uniform(6, 10, (n, 1, 1))
+        dx, dy = (xx - cx) / size, (yy - cy) / size
+        ax, ay, rad = np.abs(dx), np.abs(dy), np.sqrt(dx ** 2 + dy ** 2)
+        shapes = [rad < 1,                                      # disk
+                  (ax < 0.8) & (ay < 0.8),                      # square
+                  (dy < 0.8) & (ax < (dy + 1) * 0.5),           # triangle
+                  ax + ay < 1,                                  # diamond
+                  ((ax < 0.25) | (ay < 0.25)) & (rad < 1),      # plus
+                  (rad < 1) & (rad > 0.6),                      # ring
+                  (ax < 1) & (ay < 0.3),                        # horizontal bar
+                  (ax < 0.3) & (ay < 1),                        # vertical bar
+                  (np.abs(ax - ay) < 0.25) & (rad < 1.1),       # X
+                  (ax < 0.9) & (ay < 0.9) & ((ax > 0.55) | (ay > 0.55))]  # hollow square
+        mask = np.choose(self.labels[:, None, None], shapes)
+        colour = rng.uniform(120, 255, (n, 3, 1, 1))
+        background = rng.uniform(0, 60, (n, 3, 1, 1))
+        self.images = np.where(mask[:, None], colour, background).astype(np.uint8)
 
     def __len__(self):
-        return self.n
+        return len(self.labels)
 
     def __getitems__(self, indices):
-        b, r = len(indices), self.resolution
-        return (torch.randint(0, 256, (b, 3, r, r), dtype=torch.uint8),
-                torch.randn(b, 8, r // 8, r // 8).abs_(), torch.randint(0, self.num_classes, (b,)))
+        images = torch.from_numpy(self.images[indices])
+        mean = images.float() / 127.5 - 1
+        return images, torch.cat([mean, torch.zeros_like(mean)], dim=1), \
+            torch.from_numpy(self.labels[indices])
 
 
-def bench_data(cfg):
-    """Reader throughput, as training reads it (DataLoader, workers, batches of --batch-size).
-    A --data-dir that does not exist (or is empty) is first filled with random shards of the real
-    shapes; any other folder must be a prepared dataset, and is only read."""
-    if not os.path.isdir(cfg.data_dir) or not os.listdir(cfg.data_dir):
-        os.makedirs(cfg.data_dir, exist_ok=True)
-        r, n = cfg.resolution, 5_000
-        rng = np.random.default_rng(0)
-        for k in range(4):
-            write_shard(cfg.data_dir, k, rng.integers(0, 256, (n, 3, r, r), np.uint8),
-                        rng.standard_normal((n, 8, r // 8, r // 8), np.float32),
-                        rng.integers(0, NUM_CLASSES, n))
-        write_manifest(cfg.data_dir, 4, r, [str(c) for c in range(NUM_CLASSES)], "random")
-    dataset = ShardDataset(cfg.data_dir)
-    data = iter(loader(dataset, ResumableBatches(len(dataset), cfg.batch_size, seed=cfg.seed),
-                       cfg.num_workers))
-    next(data)  # start the workers
-    start, seen = time.perf_counter(), 0
-    while seen < cfg.bench_data:
-        seen += len(next(data)[2])
-    print(f"reader: {seen / (time.perf_counter() - start):.0f} samples/s ({len(dataset)} samples, "
-          f"{dataset.resolution} px, batch {cfg.batch_size}, {cfg.num_workers} workers)")
+class PatchStats(nn.Module):
+    """The demo's frozen 'encoder': hand-made features of each 4 x 4 patch (mean colour, colour
+    spread, horizontal and vertical edge energy). They carry the layout and the edges of the image,
+    as early layers of a real encoder do, but none of DINOv2's semantics: the demo shows the
+    mechanism of REPA, not its benefit. Real runs always use a pretrained encoder."""
+    embed_dim, patch = 8, 4
+
+    def forward_features(self, x):  # x: (B, 3, H, W) in [0, 1]
+        p = self.patch
+        gray = x.mean(1, keepdim=True)
+        ex = F.pad((gray[..., :, 1:] - gray[..., :, :-1]).abs(), (0, 1))
+        ey = F.pad((gray[..., 1:, :] - gray[..., :-1, :]).abs(), (0, 0, 0, 1))
+        mean = F.avg_pool2d(x, p)
+        spread = (F.avg_pool2d(x * x, p) - mean ** 2).clamp_min(0).sqrt()
+        feats = torch.cat([mean - 0.5, spread, F.avg_pool2d(ex, p), F.avg_pool2d(ey, p)], dim=1)
+        return feats.flatten(2).transpose(1, 2)  # (B, tokens, 8)
 
 
-#################################################################################
-#                                   Training                                    #
-#################################################################################
+DEMO_ENCODER = "demo-patchstats"
+
+
+def demo_encoders(device="cpu"):
+    """The demo's images are used as they are (32 px, [0, 1]): mean 0, std 1."""
+    return [Encoder(DEMO_ENCODER, PatchStats(), DemoDataset.resolution, PatchStats.patch,
+                    *_channels((0, 0, 0), (1, 1, 1), device), PatchStats.embed_dim, 0)]
+
+
+# --demo: a tiny SiT (size T/4: 6 blocks, width 128) on 32 x 32 pixels in 10 classes. These
+# replace Config's defaults unless a flag is given; more small steps beat fewer big ones here.
+DEMO = dict(model="T/4", enc_type=DEMO_ENCODER, projector_dim=256, batch_size=32, max_steps=800,
+            lr=1e-3, ema_decay=0.99, log_every=25, ckpt_every=400, latest_every=200,
+            sample_every=200, num_workers=0, exp_name="demo")
+
+
+#################################################################################################
+#                                                                                               #
+#   PART III. TRAINING: the config, one step, checkpoints, the loop, the command line           #
+#                                                                                               #
+#################################################################################################
 
 @dataclass
 class Config:
     """Every default lives here; the command-line flags are generated from these fields (see
-    `parse_args`). Defaults are the paper's / the official train.py's."""
+    `parse_args`). Defaults are the paper's / the official train.py's; --demo replaces some of
+    them (DEMO)."""
     # what to run (the default is training)
-    demo: bool = False          # REPA on the built-in shapes dataset, on a CPU, in ~2 minutes
+    demo: bool = False          # train on built-in shapes on a CPU; sets the DEMO defaults
     bench: int = 0              # time this many steps on random data (no dataset, random encoders)
     prepare: str = ""           # ImageNet-style folder to turn into shards at --data-dir
     bench_data: int = 0         # read this many samples from --data-dir, print samples/s
     # model and method
-    model: str = "XL/2"         # S|B|L|XL / 2|4|8, or the official SiT-XL/2
+    model: str = "XL/2"         # T|S|B|L|XL / 2|4|8, or the official SiT-XL/2
     encoder_depth: int = 0      # block whose output is aligned (eq. 8); 0 = the size table's
     enc_type: str = "dinov2-vit-b"  # frozen encoder(s), comma-separated; NAME=PATH for a file
-    proj_coeff: float = 0.5     # lambda of eq. (9)
-    projector_dim: int = 2048
+    proj_coeff: float = 0.5     # lambda of eq. (9); 0 trains the vanilla SiT
+    projector_dim: int = PROJECTOR_DIM  # hidden width of the projector h_phi
     path_type: str = "linear"   # linear | cosine
     weighting: str = "uniform"  # uniform | lognormal
-    cfg_prob: float = 0.1       # label dropout, for classifier-free guidance
-    qk_norm: bool = False
+    cfg_prob: float = CLASS_DROPOUT  # label dropout, for classifier-free guidance
+    qk_norm: bool = False       # LayerNorm on queries and keys
     # data
-    data_dir: str = "data/imagenet256"
-    resolution: int = 256       # for --prepare and the benchmarks (training reads the manifest)
+    data_dir: str = "data/imagenet256"  # prepared shards (written by --prepare)
+    resolution: int = 256       # 256 | 512, for --prepare and the benchmarks (training reads it)
     vae: str = "stabilityai/sd-vae-ft-mse"  # for --prepare
     shard_size: int = 10_000    # images per shard, for --prepare (the unit of resumption)
-    num_workers: int = 4
+    num_workers: int = 4        # data loader processes per GPU
     # optimisation
     batch_size: int = 256       # global, over all GPUs and accumulation steps
     grad_accum: int = 1         # micro-batches per step, when the batch does not fit
-    lr: float = 1e-4
+    lr: float = 1e-4            # AdamW, constant, no warm-up
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # gradients are clipped to this global norm
     max_steps: int = 400_000
-    ema_decay: float = 0.9999
+    ema_decay: float = 0.9999   # updated every step
     seed: int = 0
     # system
     precision: str = "auto"     # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     compile: bool = False       # torch.compile the SiT
     sync_debug: bool = False    # GPU: fail on any host-device sync inside a step (after the first)
     results_dir: str = "results"
-    exp_name: str = "repa"
+    exp_name: str = "repa"      # the run folder is results_dir/exp_name
     resume: str = "auto"        # auto (newest checkpoint of this run, if any) | none | PATH
-    log_every: int = 100
+    log_every: int = 100        # steps between log lines (one host sync each)
     ckpt_every: int = 50_000    # numbered checkpoints, kept
     latest_every: int = 2_000   # latest.pt, overwritten: what a crash loses at most
+    sample_every: int = 10_000  # a grid from the EMA with fixed noise (and at step 1); 0 = never
+    wandb: str = ""             # also log to this Weights & Biases project (metrics.jsonl stays)
 
 
-# --demo: a small SiT on 32 x 32 pixels in 10 classes (see DemoDataset, PatchStats)
-DEMO = dict(model_kwargs=dict(input_size=32, patch_size=4, in_channels=3, hidden_size=128, depth=6,
-                              num_heads=4, encoder_depth=2, projector_dim=256, num_classes=10),
-            config=dict(batch_size=32, max_steps=800, log_every=25, ckpt_every=400,
-                        latest_every=200, num_workers=0, exp_name="demo", lr=1e-3,
-                        ema_decay=0.99))  # more small steps beat fewer big ones in 2 minutes
+# What each numeric flag may be: checked before any slow or I/O work, one line per problem
+LIMITS = {
+    **{k: (lambda v: v >= 1, "at least 1") for k in (
+        "batch_size", "grad_accum", "max_steps", "log_every", "ckpt_every", "latest_every",
+        "shard_size", "projector_dim")},
+    **{k: (lambda v: v >= 0, "at least 0") for k in (
+        "bench", "bench_data", "encoder_depth", "num_workers", "seed", "sample_every",
+        "weight_decay", "proj_coeff")},
+    **{k: (lambda v: v > 0, "positive") for k in ("lr", "adam_eps", "max_grad_norm")},
+    **{k: (lambda v: 0 <= v < 1, "in [0, 1)") for k in ("adam_beta1", "adam_beta2", "cfg_prob")},
+    "ema_decay": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+}
+CHOICES = dict(path_type=PATH_TYPES, weighting=WEIGHTINGS, precision=("auto", "bf16", "fp32"))
+DEMO_ONLY = ("data_dir", "resolution", "vae", "enc_type")  # the demo has its own data and target
 
 
-# torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without it we are rank 0 of 1 and use no process
-# group at all. NCCL on GPUs, gloo on CPUs: the rest of the code does not care which.
-
-def setup_distributed():
-    """(rank, world, device), initialising the process group once when run under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not dist.is_initialized():
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        # an hour, not NCCL's 10 minutes: ranks of --prepare may wait that long for each other
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1))
-    rank = int(os.environ.get("RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
+def check_config(cfg, world=1):
+    """Every name and value, before anything is read or built: one line that names the bad one."""
+    for name, (ok, rule) in LIMITS.items():
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and ok(value)):
+            raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise UserError(f"--{name.replace('_', '-')} must be one of "
+                            f"{', '.join(map(str, allowed))}, got {getattr(cfg, name)!r}")
+    if cfg.prepare or cfg.bench_data:  # neither trains: only the image size matters
+        if cfg.resolution < VAE_DOWNSAMPLE or cfg.resolution % VAE_DOWNSAMPLE:
+            raise UserError(f"--resolution must be a multiple of {VAE_DOWNSAMPLE} (the SD-VAE's "
+                            f"downsampling), got {cfg.resolution}")
+        return
+    if cfg.resolution not in (256, 512):  # the encoders' grids are set for these two
+        raise UserError(f"--resolution must be 256 or 512, got {cfg.resolution}")
+    size = size_config(cfg.model)
+    if cfg.encoder_depth > size["depth"]:
+        raise UserError(f"--encoder-depth must be at most {size['depth']} for {cfg.model}, "
+                        f"got {cfg.encoder_depth}")
+    if cfg.demo:
+        if cfg.enc_type != DEMO_ENCODER:
+            raise UserError(f"--demo aligns to {DEMO_ENCODER}; drop --enc-type")
+        tokens, patches = (DemoDataset.resolution // size["patch_size"]) ** 2, [
+            e.tokens for e in demo_encoders()]
     else:
-        device = torch.device("cpu")
-    return rank, world, device
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def print0(*args, **kwargs):
-    """Logs come from rank 0: 8 or 64 copies of a line help nobody."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*args, **kwargs, flush=True)
+        names = [parse_encoder(e) for e in cfg.enc_type.split(",")]
+        # 224 px DINOv2/CLIP (patch 14) and 256 px DINOv3 (patch 16) give a (R/16)^2 grid
+        tokens = (cfg.resolution // VAE_DOWNSAMPLE // size["patch_size"]) ** 2
+        patches = [(cfg.resolution // 16) ** 2] * len(names)
+    if any(p != tokens for p in patches):
+        raise UserError(f"REPA pairs each SiT token with an encoder patch, but {cfg.model} has "
+                        f"{tokens} tokens and the encoder {patches[0]} patches: use patch size "
+                        f"{4 if cfg.demo else 2}")
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise UserError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes x "
+                        f"{cfg.grad_accum} accumulation steps")
 
 
 @torch.no_grad()
@@ -919,7 +1066,7 @@ def train_flops_per_image(model, encoders):
                     if "adaLN" not in n and not n.startswith(("t_embedder", "y_embedder", "pos")))
     flops = 3 * (2 * per_token * T + 4 * len(model.blocks) * T * T * D)
     for enc in encoders:
-        tokens = enc.tokens + enc.model.num_prefix_tokens
+        tokens = enc.tokens + enc.prefix
         params = sum(p.numel() for p in enc.model.parameters())
         depth = len(getattr(enc.model, "blocks", []))
         flops += 2 * params * tokens + 4 * depth * tokens * tokens * enc.dim
@@ -934,41 +1081,6 @@ def peak_flops(device):
         if key in name:
             return peak
     return None
-
-
-def atomic_write(path, write, mode="wb"):
-    """write(f) into a temporary file, fsync, then rename over `path`: a crash (even SIGKILL)
-    mid-write leaves the previous file of that name intact, and no reader sees half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_checkpoint(path, state):
-    atomic_write(path, lambda f: torch.save(state, f))
-
-
-def load_checkpoint(path):
-    """Our checkpoints, and the official ones whose `args` is an argparse.Namespace (the one
-    class we allow), with weights_only=True: a checkpoint cannot run code. Memory-mapped, so 8
-    ranks resuming XL/2 do not each read 11 GB (the optimiser state) into memory at once."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} not found")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0][:200]}") from None
-
-
-def newest_checkpoint(ckpt_dir):
-    paths = [os.path.join(ckpt_dir, f) for f in os.listdir(ckpt_dir) if f.endswith(".pt")] \
-        if os.path.isdir(ckpt_dir) else []
-    return max(paths, key=os.path.getmtime, default=None)
 
 
 class StopSignal:
@@ -1010,249 +1122,481 @@ def git_revision():
         return "unknown"
 
 
-# A resumed run must be the same experiment: these fields change the method or the data order
-METHOD_FIELDS = ("demo", "model", "enc_type", "encoder_depth", "projector_dim", "proj_coeff",
-                 "path_type", "weighting", "cfg_prob", "qk_norm", "batch_size", "seed")
+#################################################################################
+#                   A run: its model, optimiser, data and one step              #
+#################################################################################
+
+@dataclass
+class Run:
+    """What one training run holds. The loop and the functions below read and advance it."""
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    precision: str              # bf16 | fp32, resolved
+    dataset: torch.utils.data.Dataset
+    encoders: list
+    model_kwargs: dict          # the exact SiT(...) call, stored in every checkpoint
+    model: SiT                  # the online weights
+    net: nn.Module              # the model as the step calls it: compiled and/or DDP-wrapped
+    ema: SiT
+    opt: torch.optim.Optimizer
+    sampler: ResumableBatches
+    dir: str                    # results_dir/exp_name
+    step: int = 0               # optimiser steps done
+    first_step: int = 0         # the step this process started (or resumed) at
+    finite: torch.Tensor = None  # on the device: no NaN/inf loss since this process started
+
+    @property
+    def ckpt_dir(self):
+        return os.path.join(self.dir, "checkpoints")
 
 
 def build(cfg, device):
     """(dataset, encoders, model_kwargs) for a run: the demo's, random data for --bench, or the
     prepared shards with the pretrained encoders."""
     if cfg.demo:
-        return DemoDataset(), demo_encoders(device), dict(
-            DEMO["model_kwargs"], class_dropout_prob=cfg.cfg_prob, qk_norm=cfg.qk_norm, z_dims=[
-                PatchStats.embed_dim])
-    dataset = RandomData(cfg.resolution) if cfg.bench else ShardDataset(cfg.data_dir)
-    # --bench: the same encoder classes with random weights (the cost is the same)
-    encoders = load_encoders(cfg.enc_type, dataset.resolution, device,
-                             **({"pretrained": False} if cfg.bench else {}))
-    model_kwargs = size_config(cfg.model)
-    model_kwargs.update(input_size=dataset.resolution // 8, num_classes=dataset.num_classes,
-                        projector_dim=cfg.projector_dim, class_dropout_prob=cfg.cfg_prob,
-                        qk_norm=cfg.qk_norm, z_dims=[e.dim for e in encoders])
+        dataset, encoders = DemoDataset(), demo_encoders(device)
+    else:
+        dataset = RandomData(cfg.resolution) if cfg.bench else ShardDataset(cfg.data_dir)
+        # --bench: the same encoder classes with random weights (the cost is the same)
+        encoders = load_encoders(cfg.enc_type, dataset.resolution, device,
+                                 **({"pretrained": False} if cfg.bench else {}))
+    pixels = dataset.latent_scale == 1  # the demo trains on pixels, everything else on latents
+    model_kwargs = dict(size_config(cfg.model), in_channels=3 if pixels else 4,
+                        input_size=dataset.resolution // (1 if pixels else VAE_DOWNSAMPLE),
+                        num_classes=dataset.num_classes, projector_dim=cfg.projector_dim,
+                        class_dropout_prob=cfg.cfg_prob, qk_norm=cfg.qk_norm,
+                        z_dims=[e.dim for e in encoders])
     if cfg.encoder_depth:
         model_kwargs["encoder_depth"] = cfg.encoder_depth
-    tokens = (model_kwargs["input_size"] // model_kwargs["patch_size"]) ** 2
-    for enc in encoders:  # eq. (8) pairs SiT token n with encoder patch n
-        if enc.tokens != tokens:
-            raise UserError(f"REPA pairs each SiT token with an encoder patch, but {enc.name} "
-                            f"gives {enc.tokens} patches and {cfg.model} has {tokens} tokens: "
-                            f"use patch size 2")
     return dataset, encoders, model_kwargs
 
 
-def resume_path(cfg, ckpt_dir):
-    """The checkpoint to continue from, chosen by rank 0 and sent to all: on several nodes the
-    ranks must not each pick what their own disk shows."""
-    path = None if cfg.bench or cfg.resume == "none" else (
-        newest_checkpoint(ckpt_dir) if cfg.resume == "auto" else cfg.resume)
-    if dist.is_initialized():
-        box = [path]
-        dist.broadcast_object_list(box, src=0)
-        path = box[0]
-    return path
-
-
-def train(cfg):
-    """The training loop: one path for CPU, one GPU and torchrun over many GPUs and nodes."""
+def start_run(cfg):
+    """Processes, precision, data, encoders, the model, its EMA and the optimiser."""
     rank, world, device = setup_distributed()
+    check_config(cfg, world)
     cuda = device.type == "cuda"
     precision = ("bf16" if cuda else "fp32") if cfg.precision == "auto" else cfg.precision
     # TF32 for the fp32 matmuls autocast leaves (and the optimiser's); off when fp32 is asked for
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    if cfg.batch_size % (world * cfg.grad_accum):
-        raise UserError(f"batch size {cfg.batch_size} is not divisible by {world} processes x "
-                        f"{cfg.grad_accum} accumulation steps")
-    micro = cfg.batch_size // (world * cfg.grad_accum)
-
-    # --- data, encoders and model ------------------------------------------------------------
     dataset, encoders, model_kwargs = build(cfg, device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run
     model = SiT(**model_kwargs).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # starts equal to the model
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                             eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=cuda)
-
-    # --- the run folder and resuming ---------------------------------------------------------
-    run_dir = os.path.join(cfg.results_dir, cfg.exp_name)
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    net = torch.compile(model) if cfg.compile else model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if cuda else None)
+    micro = cfg.batch_size // (world * cfg.grad_accum)
     sampler = ResumableBatches(len(dataset), micro, rank, world, cfg.grad_accum, cfg.seed)
-    step = 0
-    path = resume_path(cfg, ckpt_dir)
+    return Run(cfg, rank, world, device, precision, dataset, encoders, model_kwargs, model, net,
+               ema, opt, sampler, os.path.join(cfg.results_dir, cfg.exp_name),
+               finite=torch.ones((), dtype=torch.bool, device=device))
+
+
+def step_seed(seed, step, slot):
+    """The RNG seed of one micro-batch: a function of (seed, step, slot) only, so a resume and
+    DDP need no saved RNG state, and since the slot is the data's (rank * accum + micro-batch),
+    2 ranks x 1 micro-batch draw exactly what 1 rank x 2 micro-batches draw."""
+    return seed * 1_000_003 + step * 4_096 + slot
+
+
+def train_step(run, micro_batches):
+    """One optimisation step over `grad_accum` micro-batches: encode, sample the latents, the
+    loss of eq. (9), backward; clip; AdamW; EMA. Returns (loss, alignment, grad-norm) as one
+    device tensor, without waiting for the GPU."""
+    cfg, accum = run.cfg, len(micro_batches)
+    autocast = torch.autocast(run.device.type, dtype=torch.bfloat16,
+                              enabled=run.precision == "bf16")
+    stats = torch.zeros(3, device=run.device)
+    for m, batch in enumerate(micro_batches):
+        torch.manual_seed(step_seed(cfg.seed, run.step, run.rank * accum + m))
+        images, moments, labels = (t.to(run.device, non_blocking=True) for t in batch)
+        with autocast:
+            zs = encode(run.encoders, images)  # y_* of eq. (8), frozen, no grad
+        mean, std = moments.chunk(2, dim=1)  # sample the VAE posterior, then scale
+        x = (mean + std * torch.randn_like(mean)) * run.dataset.latent_scale
+        # DDP all-reduces the gradients on the last micro-batch only
+        sync = m == accum - 1 or run.world == 1
+        with contextlib.nullcontext() if sync else run.net.no_sync(), autocast:
+            denoising, align = repa_loss(run.net, x, labels, zs, cfg.path_type, cfg.weighting)
+            loss = total_loss(denoising, align, cfg.proj_coeff)
+        (loss / accum).backward()
+        stats[:2] += torch.stack([denoising.mean(), align]).detach() / accum
+        run.finite &= torch.isfinite(loss.detach())
+    # the norm before clipping is what is logged
+    stats[2] = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm)
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    update_ema(run.ema, run.model, cfg.ema_decay)
+    run.step += 1
+    return stats
+
+
+#################################################################################
+#            Checkpoints: one schema, written here, read here and by sample.py   #
+#################################################################################
+# {"model", "ema", "opt", "args", "steps"} as the official checkpoints (`args` a plain dict of the
+# Config, so that torch.load(weights_only=True) needs no allow-list), plus "model_kwargs" (the
+# exact SiT(...) call) and "data" (where the data order continues).
+METHOD_FIELDS = ("demo", "model", "enc_type", "encoder_depth", "projector_dim", "proj_coeff",
+                 "path_type", "weighting", "cfg_prob", "qk_norm", "batch_size", "seed")
+
+
+def write_checkpoint(path, state):
+    """torch.save through atomic_write: a checkpoint is never left half-written."""
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def save_checkpoint(run, name):
+    """Write run.ckpt_dir/name atomically (rank 0), after checking on all ranks that no loss was
+    ever non-finite: weights that have seen a NaN are never saved (one sync, only when saving)."""
+    ok = run.finite.float()
+    if run.world > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if not ok.item():
+        raise UserError(f"non-finite loss before step {run.step}; stopping without saving, the "
+                        f"last checkpoint is kept")
+    if run.rank == 0:
+        consumed = run.sampler.start + run.step - run.first_step
+        state = {"model": run.model.state_dict(), "ema": run.ema.state_dict(),
+                 "opt": run.opt.state_dict(), "args": asdict(run.cfg), "steps": run.step,
+                 "model_kwargs": run.model_kwargs,
+                 "data": {"epoch": consumed // run.sampler.per_epoch,
+                          "position": consumed % run.sampler.per_epoch}}
+        write_checkpoint(os.path.join(run.ckpt_dir, name), state)
+    barrier()
+
+
+def load_checkpoint(path):
+    """Read a checkpoint file: ours, an official one (whose `args` is an argparse.Namespace, the
+    one class we allow) or a plain state dict, with weights_only=True, so a checkpoint cannot run
+    code. Memory-mapped: 8 ranks resuming XL/2 do not each read 11 GB of optimiser state at once.
+    A file that is missing, cut short or not a checkpoint at all is one sentence that says so."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} not found")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive since torch 1.6
+        if head.startswith(b"PK"):
+            raise UserError(f"checkpoint {path} is truncated ({size:,} bytes, the end of the "
+                            f"archive is missing): it was cut off while being written or copied")
+        if not head.startswith(b"\x80"):  # the legacy format is a pickle
+            raise UserError(f"{path} is not a PyTorch checkpoint (its {size:,} bytes are neither "
+                            f"a torch.save archive nor a pickle)")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True,
+                              mmap=zipfile.is_zipfile(path))
+    except Exception as e:
+        kind = "unsafe to load" if isinstance(e, pickle.UnpicklingError) else "corrupt"
+        raise UserError(f"checkpoint {path} is {kind} ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0].rstrip('.')}).") from None
+
+
+def newest_checkpoint(ckpt_dir):
+    paths = [os.path.join(ckpt_dir, f) for f in os.listdir(ckpt_dir) if f.endswith(".pt")] \
+        if os.path.isdir(ckpt_dir) else []
+    return max(paths, key=os.path.getmtime, default=None)
+
+
+def resume_run(run):
+    """Continue from the newest checkpoint of the run folder (or --resume PATH): weights, EMA,
+    optimiser, step and data position. Rank 0 chooses the file and tells the others, so that on
+    several nodes the ranks do not each pick what their own disk shows."""
+    cfg = run.cfg
+    path = None if cfg.bench or cfg.resume == "none" else (
+        newest_checkpoint(run.ckpt_dir) if cfg.resume == "auto" else cfg.resume)
+    if dist.is_initialized():
+        box = [path]
+        dist.broadcast_object_list(box, src=0)
+        path = box[0]
     if path:
         ckpt = load_checkpoint(path)
         stored = ckpt.get("args")
-        if isinstance(stored, dict):
+        if isinstance(stored, dict):  # ours; official checkpoints hold a Namespace
             changed = [f"{k} {stored[k]} -> {getattr(cfg, k)}" for k in METHOD_FIELDS
                        if k in stored and stored[k] != getattr(cfg, k)]
             if changed:
                 raise UserError(f"{path} is another experiment ({', '.join(changed)}): use "
                                 f"another --exp-name, or --resume none to start afresh")
-        load_sit_weights(model, ckpt["model"])
-        load_sit_weights(ema, ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        for group in opt.param_groups:  # the command line, not the checkpoint, sets these
+        load_sit_weights(run.model, ckpt["model"])
+        load_sit_weights(run.ema, ckpt["ema"])
+        run.opt.load_state_dict(ckpt["opt"])
+        for group in run.opt.param_groups:  # the command line, not the checkpoint, sets these
             group.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
-        step = ckpt["steps"]
+        run.step = ckpt["steps"]
         data = ckpt.get("data")  # official checkpoints have none: restart the order at `steps`
-        sampler.start = data["epoch"] * sampler.per_epoch + data["position"] if data else step
-        print0(f"resumed from {path} at step {step}")
-    start = (step, sampler.start)  # steps done and global batches consumed when this run began
-    if rank == 0 and not cfg.bench:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        run_info = dict(config=asdict(cfg), model_kwargs=model_kwargs, git=git_revision(),
-                        world=world)
-        atomic_write(os.path.join(run_dir, "config.json"),
-                     lambda f: json.dump(run_info, f, indent=1), "w")
-    print0(f"config {json.dumps(asdict(cfg))}\nmodel {json.dumps(model_kwargs)}\ngit "
-           f"{git_revision()}, world {world}, device {device}, {precision}; SiT "
-           f"{sum(p.numel() for p in model.parameters()):,} parameters")
-    if cfg.demo:
-        print0("demo: pixel-space SiT on procedural shapes; the alignment target is PatchStats "
-               "(hand-made colour and edge features per patch), not a pretrained encoder")
-    data = iter(loader(dataset, sampler, cfg.num_workers))
+        run.sampler.start = (data["epoch"] * run.sampler.per_epoch + data["position"]
+                             if data else run.step)
+    run.first_step = run.step  # the step at which this process started, and its data position
+    return path
 
-    net = torch.compile(model) if cfg.compile else model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if cuda else None)
-    model.train()
-    finite = torch.ones((), dtype=torch.bool, device=device)  # no NaN/inf since the start
 
-    def checkpoint(name):
-        # never save weights that have seen a non-finite loss: one sync, only when saving
-        ok = finite.float()
-        if world > 1:
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if not ok.item():
-            raise UserError(f"non-finite loss before step {step}; stopping without saving, the "
-                            f"last checkpoint is kept")
-        if rank == 0:
-            consumed = start[1] + step - start[0]
-            save_checkpoint(os.path.join(ckpt_dir, name), {
-                "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                "args": asdict(cfg), "steps": step, "model_kwargs": model_kwargs,
-                "data": {"epoch": consumed // sampler.per_epoch,
-                         "position": consumed % sampler.per_epoch}})
-        barrier()
+#################################################################################
+#           Watching a run: log lines, metrics.jsonl, W&B, sample grids          #
+#################################################################################
 
-    # --- the loop ----------------------------------------------------------------------------
-    flops, peak = train_flops_per_image(model, encoders), peak_flops(device)
-    sums = torch.zeros(3, device=device)  # loss, alignment, grad-norm over the log interval
-    timer, done_steps = time.perf_counter(), 0
-    log = open(os.path.join(run_dir, "metrics.jsonl"), "a") if rank == 0 and not cfg.bench else None
-    if log and step:
-        log.write(json.dumps({"resumed_at": step}) + "\n")
+class Logger:
+    """Sums the step statistics on the device and, every log_every steps, makes the one host sync
+    of the interval: a line on stdout (with an ETA), a row of metrics.jsonl (the source of
+    truth), optionally Weights & Biases, and a progress bar between the lines (rank 0)."""
+
+    def __init__(self, run):
+        from tqdm import tqdm
+        self.run, cfg = run, run.cfg
+        self.sums, self.count = torch.zeros(3, device=run.device), 0
+        self.flops, self.peak = train_flops_per_image(run.model, run.encoders), peak_flops(run.device)
+        self.writes = run.rank == 0 and not cfg.bench
+        self.file = open(os.path.join(run.dir, "metrics.jsonl"), "a") if self.writes else None
+        if self.file and run.step:
+            self.file.write(json.dumps({"resumed_at": run.step}) + "\n")
+        self.wandb = None
+        if self.writes and cfg.wandb:
+            import hashlib
+            import wandb  # only when asked for
+            self.wandb = wandb.init(project=cfg.wandb, name=cfg.exp_name, dir=run.dir,
+                                    config=asdict(cfg), resume="allow", id=hashlib.sha1(
+                                        os.path.abspath(run.dir).encode()).hexdigest()[:16])
+        # the bar shows only on a terminal (disable=None), so scheduler logs stay readable
+        self.bar = tqdm(total=cfg.max_steps, initial=run.step, unit="step", dynamic_ncols=True,
+                        disable=True if run.rank else None)
+        self.start = self.timer = time.perf_counter()
+
+    def add(self, stats):
+        self.sums += stats
+        self.count += 1
+        self.bar.update(1)
+
+    def pause(self, seconds):
+        """Time spent on grids and checkpoints does not count against img/s."""
+        self.timer += seconds
+
+    def flush(self):
+        run, cfg = self.run, self.run.cfg
+        if run.world > 1:
+            dist.all_reduce(self.sums)
+            self.sums /= run.world
+        loss, align, gnorm = (self.sums / self.count).tolist()  # the one sync of the interval
+        if not all(math.isfinite(v) for v in (loss, align, gnorm)):
+            raise UserError(f"non-finite loss at step {run.step} (loss {loss}, alignment "
+                            f"{align}); stopping, the last checkpoint is kept")
+        seconds = time.perf_counter() - self.timer
+        per_device = self.count * cfg.batch_size / run.world / seconds
+        stats = dict(step=run.step, loss=round(loss, 5), align=round(align, 5),
+                     grad_norm=round(gnorm, 4), img_s=round(per_device * run.world, 1),
+                     img_s_per_device=round(per_device, 1))
+        if self.peak:
+            stats["mfu"] = round(per_device * self.flops / self.peak, 4)
+        if run.device.type == "cuda":
+            stats["mem_gb"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2)
+        eta = (cfg.max_steps - run.step) * seconds / self.count
+        self.bar.set_postfix(loss=f"{loss:.4f}", align=f"{align:.3f}", img_s=stats["img_s"])
+        if run.rank == 0:
+            self.bar.write(" ".join(f"{k} {v}" for k, v in stats.items()) +
+                           f" eta {datetime.timedelta(seconds=round(eta))}")
+        if self.file:
+            self.file.write(json.dumps(stats) + "\n")
+            self.file.flush()
+        if self.wandb:
+            self.wandb.log(stats, step=run.step)
+        self.sums.zero_()
+        self.count, self.timer = 0, time.perf_counter()
+
+    def close(self):
+        self.bar.close()
+        if self.file:
+            self.file.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+class Grids:
+    """Samples from the EMA with the same noise and labels for the whole run (also across
+    resumes), as the paper's fig. 4: one row per class, written as samples/NNNNNNN.png. The
+    official trainer does this too (every 10K steps, 50 Euler steps, CFG 4). Latent runs are
+    decoded with the VAE that made the latents."""
+
+    def __init__(self, run, per_class=4, num_steps=50, cfg_scale=4.0):
+        import sample  # the samplers; a lazy import, since sample.py imports this file
+        self.run, self.sample, self.num_steps = run, sample, num_steps
+        model = run.model
+        names = getattr(run.dataset, "class_names", None)
+        self.classes = (sample.GRID_CLASSES if model.num_classes == NUM_CLASSES else
+                        list(range(min(10, model.num_classes))))
+        self.names = [names[c] for c in self.classes] if names else self.classes
+        self.labels = torch.tensor(self.classes).repeat_interleave(per_class).to(run.device)
+        size = run.model_kwargs["input_size"]
+        g = torch.Generator().manual_seed(run.cfg.seed)
+        self.noise = torch.randn(len(self.labels), model.in_channels, size, size,
+                                 generator=g).to(run.device)
+        has_null = model.y_embedder.embedding_table.num_embeddings > model.num_classes
+        self.cfg_scale = cfg_scale if has_null else 1.0
+        self.vae = None if model.in_channels == 3 else load_vae(
+            json.load(open(os.path.join(run.cfg.data_dir, "manifest.json")))["vae"], run.device)
+        os.makedirs(os.path.join(run.dir, "samples"), exist_ok=True)
+
+    @torch.no_grad()
+    def write(self):
+        run, sample = self.run, self.sample
+        x = sample.sample_ode(run.ema, self.noise, self.labels, num_steps=self.num_steps,
+                              cfg_scale=self.cfg_scale, path_type=run.cfg.path_type)
+        path = os.path.join(run.dir, "samples", f"{run.step:07d}.png")
+        sample.save_grid(sample.decode(x, self.vae), self.names, path)
+        return path
+
+
+#################################################################################
+#                                  The loop                                     #
+#################################################################################
+
+def describe(run):
+    """What runs, as it runs: the config without the fields this run does not use, the model,
+    the data and the target."""
+    cfg, unused = run.cfg, {"prepare", "shard_size", "bench_data", "vae"}
+    unused |= set(DEMO_ONLY) - {"enc_type"} if cfg.demo else set()
+    shown = {k: v for k, v in asdict(cfg).items() if k not in unused}
+    data = ("demo: procedural shapes in pixel space (no VAE); the alignment target is PatchStats "
+            "(hand-made colour and edge features per patch), not a pretrained encoder"
+            if cfg.demo else "random data and random-weight encoders (--bench)" if cfg.bench else
+            f"{len(run.dataset):,} images at {run.dataset.resolution} px from {cfg.data_dir}")
+    params = sum(p.numel() for p in run.model.parameters())
+    return (f"config {json.dumps(shown)}\nmodel {json.dumps(run.model_kwargs)}\ndata {data}\n"
+            f"git {git_revision()}, world {run.world}, device {run.device}, {run.precision}; SiT "
+            f"{params:,} parameters")
+
+
+def train(cfg):
+    """The training loop: one path for CPU, one GPU and torchrun over many GPUs and nodes."""
+    run = start_run(cfg)
+    path = resume_run(run)
+    if run.step >= cfg.max_steps:  # nothing to do, and nothing in the run folder changes
+        print0(f"{run.dir} is already at step {run.step} (--max-steps {cfg.max_steps}): nothing "
+               f"to train. Train longer with a larger --max-steps, or start a new run with "
+               f"another --exp-name (or --resume none)")
+        return run
+    # Start: the run folder and what runs
+    if run.rank == 0 and not cfg.bench:
+        os.makedirs(run.ckpt_dir, exist_ok=True)
+        info = dict(config=asdict(cfg), model_kwargs=run.model_kwargs, git=git_revision(),
+                    world=run.world)
+        atomic_write(os.path.join(run.dir, "config.json"), lambda f: json.dump(info, f, indent=1),
+                     "w")
+    print0(describe(run) + (f"\nresumed from {path} at step {run.step}" if path else ""))
+    data = iter(loader(run.dataset, run.sampler, cfg.num_workers))
+    grids = Grids(run) if run.rank == 0 and cfg.sample_every and not cfg.bench else None
+    log = Logger(run)
+    run.model.train()
     with StopSignal() as stop:
-        while step < cfg.max_steps:
-            if cfg.sync_debug and cuda and step > start[0]:
-                torch.cuda.set_sync_debug_mode("error")  # the step must not wait for the GPU
-            for m in range(cfg.grad_accum):
-                # the RNG is a function of (seed, step, slot): resume and DDP need no saved RNG
-                # state, and the slot matches the data's, so 2 ranks x 1 micro-batch equal
-                # 1 rank x 2 micro-batches
-                torch.manual_seed(cfg.seed * 1_000_003 + step * 4_096 + rank * cfg.grad_accum + m)
-                images, moments, labels = (t.to(device, non_blocking=True) for t in next(data))
-                with autocast:
-                    zs = encode(encoders, images)  # y_* of eq. (8), frozen, no grad
-                mean, std = moments.chunk(2, dim=1)  # sample the VAE posterior, then scale
-                x = (mean + std * torch.randn_like(mean)) * dataset.latent_scale
-                # DDP all-reduces the gradients on the last micro-batch only
-                last = m == cfg.grad_accum - 1 or world == 1
-                with net.no_sync() if not last else contextlib.nullcontext():
-                    with autocast:
-                        denoising, align = repa_loss(net, x, labels, zs, cfg.path_type,
-                                                     cfg.weighting)
-                        loss = denoising.mean() + cfg.proj_coeff * align  # eq. (9)
-                    (loss / cfg.grad_accum).backward()
-                sums[:2] += torch.stack([denoising.mean(), align]).detach() / cfg.grad_accum
-                finite &= torch.isfinite(loss.detach())
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            update_ema(ema, model, cfg.ema_decay)
-            sums[2] += grad_norm
-            step, done_steps = step + 1, done_steps + 1
-            if cfg.sync_debug and cuda:
-                torch.cuda.set_sync_debug_mode("default")  # logging and saving may sync
-
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                # the one host-device sync of the interval
-                if world > 1:
-                    dist.all_reduce(sums)
-                    sums /= world
-                loss_, align_, gnorm = (sums / done_steps).tolist()
-                if not all(math.isfinite(v) for v in (loss_, align_, gnorm)):
-                    raise UserError(f"non-finite loss at step {step} (loss {loss_}, alignment "
-                                    f"{align_}); stopping, the last checkpoint is kept")
-                per_gpu = done_steps * cfg.batch_size / world / (time.perf_counter() - timer)
-                stats = dict(step=step, loss=round(loss_, 5), align=round(align_, 5),
-                             grad_norm=round(gnorm, 4), img_s=round(per_gpu * world, 1),
-                             img_s_per_device=round(per_gpu, 1))
-                if peak:
-                    stats["mfu"] = round(per_gpu * flops / peak, 4)
-                if cuda:
-                    stats["mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-                print0(" ".join(f"{k} {v}" for k, v in stats.items()))
-                if log:
-                    log.write(json.dumps(stats) + "\n")
-                    log.flush()
-                sums.zero_()
-                timer, done_steps = time.perf_counter(), 0
+        while run.step < cfg.max_steps:
+            # One optimisation step (with --sync-debug, any host-device sync in it is an error)
+            debug = cfg.sync_debug and run.device.type == "cuda" and run.step > run.first_step
+            torch.cuda.set_sync_debug_mode("error") if debug else None
+            log.add(train_step(run, [next(data) for _ in range(cfg.grad_accum)]))
+            torch.cuda.set_sync_debug_mode("default") if debug else None
+            # Log: the one host sync of the interval
+            if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
+                log.flush()
+            # Samples, stop on a signal, checkpoints: time not counted as training
+            began = time.perf_counter()
+            if grids and (run.step == 1 or run.step % cfg.sample_every == 0):
+                grids.write()
             if stop:
-                if not cfg.bench:
-                    checkpoint("latest.pt")
-                print0(f"stopped by signal at step {step}" +
+                save_checkpoint(run, "latest.pt") if not cfg.bench else None
+                print0(f"stopped by signal at step {run.step}" +
                        ("" if cfg.bench else "; saved, resume with the same command"))
                 break
-            if cfg.bench:
-                continue
-            if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
-                checkpoint(f"{step:07d}.pt")
-            elif step % cfg.latest_every == 0:
-                checkpoint("latest.pt")
-    return model, ema
+            if not cfg.bench and (run.step % cfg.ckpt_every == 0 or run.step == cfg.max_steps):
+                save_checkpoint(run, f"{run.step:07d}.pt")
+            elif not cfg.bench and run.step % cfg.latest_every == 0:
+                save_checkpoint(run, "latest.pt")
+            log.pause(time.perf_counter() - began)
+    log.close()
+    if not cfg.bench and run.step == cfg.max_steps:
+        print0(f"done: {run.step} steps; checkpoints in {run.ckpt_dir}, metrics in "
+               f"{os.path.join(run.dir, 'metrics.jsonl')}" +
+               (f", grids in {os.path.join(run.dir, 'samples')}" if grids else "") +
+               f". Sample with: python sample.py --ckpt {run.dir}")
+    return run
+
+
+def benchmark_reader(cfg):
+    """Reader throughput, as training reads it (DataLoader, workers, batches of --batch-size).
+    A --data-dir that does not exist (or is empty) is first filled with random shards of the real
+    shapes; any other folder must be a prepared dataset, and is only read."""
+    if not os.path.isdir(cfg.data_dir) or not os.listdir(cfg.data_dir):
+        os.makedirs(cfg.data_dir, exist_ok=True)
+        r, n, latent = cfg.resolution, 5_000, cfg.resolution // VAE_DOWNSAMPLE
+        rng = np.random.default_rng(0)
+        for k in range(4):
+            write_shard(cfg.data_dir, k, rng.integers(0, 256, (n, 3, r, r), np.uint8),
+                        rng.standard_normal((n, 8, latent, latent), np.float32),
+                        rng.integers(0, NUM_CLASSES, n))
+        write_manifest(cfg.data_dir, 4, r, [str(c) for c in range(NUM_CLASSES)], "random")
+    dataset = ShardDataset(cfg.data_dir)
+    data = iter(loader(dataset, ResumableBatches(len(dataset), cfg.batch_size, seed=cfg.seed),
+                       cfg.num_workers))
+    next(data)  # start the workers
+    start, seen = time.perf_counter(), 0
+    while seen < cfg.bench_data:
+        seen += len(next(data)[2])
+    print(f"reader: {seen / (time.perf_counter() - start):.0f} samples/s ({len(dataset)} samples, "
+          f"{dataset.resolution} px, batch {cfg.batch_size}, {cfg.num_workers} workers)")
 
 
 #################################################################################
 #                                  Command line                                 #
 #################################################################################
 
-def parse_args(argv=None):
-    """Flags generated from Config: --batch-size for batch_size, --no-compile for a bool, and the
-    comment after each field in Config is its help."""
+def add_flags(parser, config_class, extra_help=None):
+    """One flag per dataclass field: --batch-size for batch_size, --no-compile for a bool; the
+    comment after each field is its help. sample.py builds its command line the same way."""
     import inspect
     import re
-    helps = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(Config), re.M))
-    parser = argparse.ArgumentParser(description="REPA training (see the docstring of repa.py)",
-                                     allow_abbrev=False)  # --max-step must not pass for --max-steps
-    for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+    helps = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(config_class), re.M))
+    for f in fields(config_class):
+        flag, text = "--" + f.name.replace("_", "-"), helps.get(f.name, "")
+        text += (extra_help or {}).get(f.name, "")
         if isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=helps.get(f.name))
+                                help=text)
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default,
-                                help=helps.get(f.name, "") + f" (default {f.default})")
+                                help=f"{text} (default {f.default!r})".lstrip())
+
+
+def given_flags(argv):
+    """The field names of the flags on the command line (to tell a default from a choice)."""
+    return {a.split("=")[0][2:].replace("-", "_") for a in argv if a.startswith("--")}
+
+
+def parse_args(argv=None):
+    """Config from the command line; with --demo, DEMO replaces the defaults of the flags that are
+    not given. Names and values are checked here, before anything slow."""
+    argv = sys.argv[1:] if argv is None else argv
+    demo_help = {k: f" [--demo: {v!r}]" for k, v in DEMO.items()}
+    parser = argparse.ArgumentParser(
+        description="REPA training (see the docstring of repa.py). --demo replaces the defaults "
+        "shown in [--demo: ...].", allow_abbrev=False)  # --max-step must not pass for --max-steps
+    add_flags(parser, Config, demo_help)
     args = parser.parse_args(argv)
-    choices = dict(path_type=("linear", "cosine"), weighting=("uniform", "lognormal"),
-                   precision=("auto", "bf16", "fp32"))
-    for name, allowed in choices.items():
-        if getattr(args, name) not in allowed:
-            parser.error(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
-    for name in ("batch_size", "grad_accum", "max_steps", "log_every", "ckpt_every",
-                 "latest_every", "shard_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     cfg = Config(**vars(args))
-    if cfg.demo:  # the demo's own model, data and defaults, unless a default is given explicitly
-        given = {a.split("=")[0][2:].replace("-", "_") for a in (sys.argv[1:] if argv is None
-                                                                  else argv) if a.startswith("--")}
-        ignored = given & {"model", "enc_type", "encoder_depth", "projector_dim", "data_dir"}
-        if ignored:
-            parser.error(f"--demo has its own model, data and encoder: drop --"
-                         f"{', --'.join(sorted(n.replace('_', '-') for n in ignored))}")
-        cfg = replace(cfg, **{k: v for k, v in DEMO["config"].items() if k not in given})
+    try:
+        if cfg.demo:
+            given = given_flags(argv)
+            forbidden = given & set(DEMO_ONLY)
+            if forbidden:
+                raise UserError(f"--demo has its own data and alignment target: drop --"
+                                f"{', --'.join(sorted(n.replace('_', '-') for n in forbidden))}")
+            cfg = replace(cfg, **{k: v for k, v in DEMO.items() if k not in given})
+        check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    except UserError as e:  # one line, without argparse's usage block
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     return cfg
 
 
@@ -1262,10 +1606,10 @@ def main(argv=None):
         if cfg.prepare:
             prepare(cfg.prepare, cfg.data_dir, cfg.resolution, cfg.vae, cfg.shard_size)
         elif cfg.bench_data:
-            bench_data(cfg)
+            benchmark_reader(cfg)
         else:
             if cfg.bench:
-                cfg.max_steps, cfg.log_every = cfg.bench, max(1, cfg.bench // 2)
+                cfg = replace(cfg, max_steps=cfg.bench, log_every=max(1, cfg.bench // 2))
             train(cfg)
     except UserError as e:  # bad input: one clear line, no traceback
         rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
@@ -1277,4 +1621,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    # Run as the module `repa`, not `__main__`: sample.py (imported for the grids) imports repa,
+    # and must see these very classes and this UserError, not a second copy of the file.
+    import repa
+    repa.main()

@@ -23,6 +23,7 @@ The solvers, in the notation of repa.py (t = 0 data, t = 1 noise, x_t = alpha_t 
 Commands
 --------
   python sample.py --ckpt results/demo                 # a labelled grid from the newest checkpoint
+  python sample.py --help                              # every flag, with its default
   torchrun --nproc_per_node=8 sample.py --ckpt C --num-fid-samples 50000   # PNGs + .npz for FID
   python sample.py --ckpt last.pt --model XL/2 --resolution 256 --encoder-depth 8   # released
 
@@ -32,8 +33,8 @@ test_repa.py for the golden runs.
 import argparse
 import math
 import os
-import re
 import sys
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist  # set up by repa.setup_distributed (torchrun env)
@@ -153,23 +154,38 @@ def sample_sde(model, z, y, num_steps=50, heun=False, cfg_scale=1.0, guidance_lo
     return x
 
 
-#################################################################################
-#                     Checkpoints: ours, official, plain state dicts             #
-#################################################################################
+@dataclass(frozen=True)
+class Solver:
+    """A sampling recipe: which solver, how many steps, and the guidance. Calling it solves from
+    noise z (t = 1) to data (t = 0) for labels y; `generator` feeds the SDE's noise."""
+    mode: str = "sde"
+    num_steps: int = 250
+    heun: bool = False
+    cfg_scale: float = 1.8
+    guidance_low: float = 0.0
+    guidance_high: float = 0.7
+    path_type: str = "linear"
 
-def _z_dims(state_dict):
-    """Encoder widths from the projectors' last layers (projectors.K.4.weight is (z_dim, 2048));
-    the official checkpoint stores only the encoder's name, so the weights are the truth."""
-    dims = {}
-    for k, v in state_dict.items():
-        m = re.search(r"(?:^|\.)projectors\.(\d+)\.4\.weight$", k)
-        if m:
-            dims[int(m.group(1))] = v.shape[0]
-    return [dims[k] for k in sorted(dims)]
+    def __call__(self, model, z, y, generator=None):
+        kwargs = dict(num_steps=self.num_steps, heun=self.heun, cfg_scale=self.cfg_scale,
+                      guidance_low=self.guidance_low, guidance_high=self.guidance_high,
+                      path_type=self.path_type)
+        if self.mode == "sde":
+            return sample_sde(model, z, y, generator=generator, **kwargs)
+        return sample_ode(model, z, y, **kwargs)
+
+
+#################################################################################
+#         Checkpoints: one small reader per format, one way to build the model   #
+#################################################################################
+# Each reader takes the loaded file and returns (model_kwargs, state_dict, cfg): the exact
+# repa.SiT(...) call, the weights, and the settings a user may also give as flags (`OVERRIDES`).
+OVERRIDES = ("model", "resolution", "encoder_depth", "path_type", "num_classes", "qk_norm")
+PLAIN_MODEL = "XL/2"  # the released last.pt; the official generate.py's defaults: 256 px, linear
 
 
 def _merge(stored, overrides):
-    """The checkpoint's config, with command-line values filling what it does not store. A flag
+    """The checkpoint's settings, with command-line values filling what it does not store. A flag
     that contradicts the checkpoint is an error: a wrong size or path would only give noise."""
     cfg = dict(stored)
     norm = lambda k, v: v.removeprefix("SiT-") if k == "model" and isinstance(v, str) else v
@@ -183,22 +199,75 @@ def _merge(stored, overrides):
     return cfg
 
 
-# What a plain state dict (the released XL/2 last.pt) does not say: the official generate.py's
-# defaults, which are the released model's settings.
-PLAIN_DEFAULTS = dict(model="XL/2", resolution=256, encoder_depth=8, path_type="linear")
-OVERRIDES = ("model", "resolution", "encoder_depth", "path_type", "num_classes", "qk_norm")
+def read_ours(ckpt, weights, overrides):
+    """repa.py's checkpoints: `model_kwargs` is the exact SiT(...) call (in_channels 3 means
+    pixel space, no VAE); the size and resolution it implies are named to check flags against."""
+    kwargs, args = dict(ckpt["model_kwargs"]), dict(ckpt.get("args") or {})
+    size = next((name for name, sz in repa.SIZES.items() if all(
+        kwargs.get(k) == v for k, v in sz.items() if k != "encoder_depth")), None)
+    pixels = kwargs["input_size"] * (1 if kwargs["in_channels"] == 3 else repa.VAE_DOWNSAMPLE)
+    stored = {k: kwargs.get(k) for k in ("encoder_depth", "num_classes", "qk_norm")}
+    cfg = _merge(dict(stored, model=size, resolution=pixels, path_type=args.get("path_type")),
+                 overrides)
+    return kwargs, ckpt[weights], cfg
+
+
+def official_kwargs(cfg, state_dict):
+    """repa.SiT kwargs for an official checkpoint. The encoder widths and the projector width come
+    from the projector weights (the file stores only the encoder's name, and the official
+    generate.py's default widths do not fit the released model); the null label row exists only
+    if the model was trained with label dropout."""
+    layers = {}  # projector k -> {layer index: weight}
+    for key, value in state_dict.items():
+        parts = key.removeprefix("module.").split(".")
+        if parts[0] == "projectors" and parts[-1] == "weight":
+            layers.setdefault(int(parts[1]), {})[int(parts[2])] = value
+    z_dims = [w[max(w)].shape[0] for _, w in sorted(layers.items())]
+    projector_dim = layers[0][min(layers[0])].shape[0] if layers else repa.PROJECTOR_DIM
+    num_classes = cfg.get("num_classes") or repa.NUM_CLASSES
+    rows = next((v.shape[0] for k, v in state_dict.items()
+                 if k.endswith("embedding_table.weight")), num_classes + 1)
+    size = repa.size_config(cfg["model"])
+    return dict(size, input_size=(cfg.get("resolution") or 256) // repa.VAE_DOWNSAMPLE,
+                encoder_depth=cfg.get("encoder_depth") or size["encoder_depth"],
+                num_classes=num_classes, qk_norm=bool(cfg.get("qk_norm")), z_dims=z_dims,
+                projector_dim=projector_dim,
+                class_dropout_prob=repa.CLASS_DROPOUT if rows > num_classes else 0.0)
+
+
+def read_official(ckpt, weights, overrides):
+    """The official train.py's {"model", "ema", "opt", "args" (argparse.Namespace), "steps"}."""
+    args = vars(ckpt["args"])
+    cfg = _merge({k: args.get(k) for k in OVERRIDES}, overrides)
+    return official_kwargs(cfg, ckpt[weights]), ckpt[weights], cfg
+
+
+def read_plain(ckpt, weights, overrides):
+    """A bare state dict (the released XL/2 last.pt, with legacy `decoder_blocks.*` keys): the
+    class count and qk-norm are read from the weights; the size comes from the flags."""
+    table = next((v for k, v in ckpt.items() if k.endswith("embedding_table.weight")), None)
+    inferred = dict(num_classes=None if table is None else table.shape[0] - 1,
+                    qk_norm=any(".attn.q_norm." in k for k in ckpt))
+    cfg = _merge(dict(inferred, model=None), overrides)
+    cfg["model"] = cfg["model"] or PLAIN_MODEL
+    return official_kwargs(cfg, ckpt), ckpt, cfg
+
+
+def read_format(ckpt):
+    """(name, reader) for a loaded checkpoint, or one clear error."""
+    if isinstance(ckpt, dict) and "model_kwargs" in ckpt:
+        return "ours", read_ours
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), argparse.Namespace):
+        return "official", read_official
+    if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+        return "plain", read_plain
+    raise repa.UserError("it is not a SiT checkpoint: expected ours or an official REPA "
+                         "checkpoint ('ema', 'args', ...) or a state dict of tensors")
 
 
 def load_checkpoint(path, device="cpu", use_ema=True, **overrides):
-    """(model in eval mode on `device`, info) from one of three layouts:
-
-      ours      {"model", "ema", "opt", "args" (a plain dict), "steps", "model_kwargs"}: the model
-                is exactly repa.SiT(**model_kwargs); in_channels 3 means pixel space (no VAE).
-      official  {"model", "ema", "opt", "args" (argparse.Namespace), "steps"}: built from args,
-                with the encoder widths read from the projector weights.
-      plain     a bare state dict (the released XL/2 last.pt, legacy `decoder_blocks.*` keys):
-                the size, resolution and encoder depth come from `overrides` (default XL/2, 256,
-                8); the class count and qk-norm are read from the weights.
+    """(model in eval mode on `device`, info) from our checkpoints, the official ones, or a plain
+    state dict; `path` may also be a run folder (results/<run>) or its checkpoints/ (the newest).
 
     overrides: model, resolution, encoder_depth, path_type, num_classes, qk_norm (None = unset).
     info: path (the file read), format, path_type, pixel_space, input_size (the model's),
@@ -206,55 +275,21 @@ def load_checkpoint(path, device="cpu", use_ema=True, **overrides):
     unknown = set(overrides) - set(OVERRIDES)
     if unknown:
         raise TypeError(f"unknown overrides {sorted(unknown)}; choose from {OVERRIDES}")
-    if os.path.isdir(path):  # a run folder (results/<run>) or its checkpoints/: the newest one
+    if os.path.isdir(path):
         sub = os.path.join(path, "checkpoints")
         path = repa.newest_checkpoint(sub if os.path.isdir(sub) else path) or path
     ckpt = repa.load_checkpoint(path)  # weights_only, memory-mapped; one line if unreadable
-    weights = "ema" if use_ema else "model"
-    if isinstance(ckpt, dict) and "model_kwargs" in ckpt:
-        fmt, kwargs, args = "ours", dict(ckpt["model_kwargs"]), dict(ckpt.get("args") or {})
-        # model_kwargs is the truth (the training flags --model/--resolution may not apply, e.g.
-        # for the demo); name the size and the resolution it implies, to check flags against
-        size = next((name for name, sz in repa.SIZES.items() if all(
-            kwargs.get(k) == v for k, v in sz.items() if k != "encoder_depth")), None)
-        pixels = kwargs["input_size"] * (1 if kwargs["in_channels"] == 3 else 8)
-        stored = {k: kwargs.get(k) for k in ("encoder_depth", "num_classes", "qk_norm")}
-        cfg = _merge(dict(stored, model=size, resolution=pixels, path_type=args.get("path_type")),
-                     overrides)
-        state_dict = ckpt[weights]
-    elif isinstance(ckpt, dict) and isinstance(ckpt.get("args"), argparse.Namespace):
-        fmt, args = "official", vars(ckpt["args"])
-        cfg = _merge({k: args.get(k) for k in OVERRIDES}, overrides)
-        state_dict = ckpt[weights]
-    elif isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
-        fmt, state_dict = "plain", ckpt
-        table = next((v for k, v in ckpt.items() if k.endswith("embedding_table.weight")), None)
-        inferred = dict(num_classes=None if table is None else table.shape[0] - 1,
-                        qk_norm=any(".attn.q_norm." in k for k in ckpt))
-        cfg = _merge(inferred, overrides)
-    else:
-        raise repa.UserError(f"{path} is not a SiT checkpoint: expected ours or an official "
-                             f"REPA checkpoint ('ema', 'args', ...) or a state dict of tensors")
-    cfg = {**PLAIN_DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
-    if fmt != "ours":
-        # official latents are 8x downsampled by the SD-VAE: 256 px -> 32 x 32 x 4
-        num_classes = cfg.get("num_classes", repa.NUM_CLASSES)
-        rows = next((v.shape[0] for k, v in state_dict.items()
-                     if k.endswith("embedding_table.weight")), num_classes + 1)
-        kwargs = dict(input_size=cfg["resolution"] // 8, encoder_depth=cfg["encoder_depth"],
-                      num_classes=num_classes, qk_norm=cfg.get("qk_norm", False),
-                      z_dims=_z_dims(state_dict),
-                      projector_dim=next((v.shape[0] for k, v in state_dict.items()
-                                          if k.endswith("projectors.0.0.weight")), 2048),
-                      # the null row exists only if it was trained with label dropout
-                      class_dropout_prob=0.1 if rows > num_classes else 0.0)
+    try:
+        fmt, reader = read_format(ckpt)
+    except repa.UserError as e:
+        raise repa.UserError(f"{path}: {e}") from None
+    kwargs, state_dict, cfg = reader(ckpt, "ema" if use_ema else "model", overrides)
     with torch.device(device):  # initialised where it runs: XL/2's init takes a while on a CPU
-        model = repa.SiT(**kwargs) if fmt == "ours" else repa.build_model(cfg["model"], **kwargs)
+        model = repa.SiT(**kwargs)
     repa.load_sit_weights(model, state_dict)  # strict; one clear line when it does not fit
-    info = dict(path=path, format=fmt, path_type=cfg["path_type"],
+    info = dict(path=path, format=fmt, path_type=cfg.get("path_type") or "linear",
                 pixel_space=model.in_channels == 3, input_size=kwargs["input_size"],
-                resolution=cfg["resolution"],
-                num_classes=model.num_classes,
+                resolution=cfg.get("resolution") or 256, num_classes=model.num_classes,
                 steps=ckpt.get("steps") if fmt != "plain" else None)
     return model.eval().requires_grad_(False), info
 
@@ -281,38 +316,32 @@ def decode(x, vae):
     return to_uint8(x)
 
 
-def generate(model, vae, labels, generator, args, info):
-    """One batch: draw z from `generator`, solve, decode. Returns uint8 (B, H, W, 3)."""
-    size = info["input_size"]
-    z = torch.randn((len(labels), model.in_channels, size, size), generator=generator,
-                    device=labels.device)
-    kwargs = dict(num_steps=args.num_steps, heun=args.heun, cfg_scale=args.cfg_scale,
-                  guidance_low=args.guidance_low, guidance_high=args.guidance_high,
-                  path_type=info["path_type"])
-    if args.mode == "sde":  # the same generator: z and the SDE's noise come from one stream
-        x = sample_sde(model, z, labels, generator=generator, **kwargs)
-    else:
-        x = sample_ode(model, z, labels, **kwargs)
-    return decode(x, vae)
+def generate(model, vae, labels, generator, solver, input_size):
+    """One batch: draw z from `generator`, solve, decode. Returns uint8 (B, H, W, 3). The SDE's
+    noise comes from the same generator, so z and the noise are one stream."""
+    z = torch.randn((len(labels), model.in_channels, input_size, input_size),
+                    generator=generator, device=labels.device)
+    return decode(solver(model, z, labels, generator), vae)
 
 
-def save_grid(images, classes, path):
-    """uint8 (rows * cols, H, W, 3), one class per row -> a PNG with the class id left of each
-    row. Small images (a 16 px demo) are enlarged without smoothing so a person can see them."""
+def save_grid(images, names, path):
+    """uint8 (rows * cols, H, W, 3), one class per row -> a PNG with the class name (or id) left
+    of each row. Small images (a 32 px demo) are enlarged without smoothing so a person can see
+    them."""
     from PIL import Image, ImageDraw
-    rows = len(classes)
+    rows = len(names)
     cols, h, w = len(images) // rows, images.shape[1], images.shape[2]
     zoom = max(1, 64 // h)
-    h, w, pad, margin = h * zoom, w * zoom, 2, 48
+    h, w, pad, margin = h * zoom, w * zoom, 2, 56
     grid = Image.new("RGB", (margin + cols * (w + pad), rows * (h + pad)), "white")
     draw = ImageDraw.Draw(grid)
-    for r, c in enumerate(classes):
-        draw.text((4, r * (h + pad) + h // 2 - 6), str(c), fill="black")
+    for r, name in enumerate(names):
+        draw.text((4, r * (h + pad) + h // 2 - 6), str(name), fill="black")
         for j in range(cols):
             tile = Image.fromarray(images[r * cols + j].numpy()).resize((w, h), Image.NEAREST)
             grid.paste(tile, (margin + j * (w + pad), r * (h + pad)))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    grid.save(path)
+    repa.atomic_write(path, lambda f: grid.save(f, format="PNG"))
 
 
 def save_png(image, path):
@@ -339,12 +368,9 @@ def write_npz(folder, num):
     return f"{folder}.npz"
 
 
-#################################################################################
-#                                  Command line                                  #
-#################################################################################
-
-def sample_fid(model, vae, info, args, rank, world, device, folder):
-    """Write {index:06d}.png for index < N into `folder` across ranks, then rank 0 writes the .npz.
+def sample_fid(model, vae, info, solver, num, batch, global_seed, folder):
+    """Write {index:06d}.png for index < num into `folder` across ranks; rank 0 then writes the
+    .npz.
 
     Layout and seeds follow the official generate.py: batch k of rank r holds the indices
     k G + i W + r (G = n W, i < n), and the rank's RNG is seeded with global_seed * W + r. That
@@ -352,36 +378,102 @@ def sample_fid(model, vae, info, args, rank, world, device, folder):
     a restart redoes only the batches with a missing PNG and gets the very same images.
     Classes are balanced (index i has class i mod num_classes), unlike the official random ones."""
     from tqdm import tqdm
-    n, num = args.per_proc_batch_size, args.num_fid_samples
-    stride = n * world
+    rank, world, device = repa.setup_distributed()
+    stride = batch * world
     batches = math.ceil(num / stride)  # the last batch may run past N: those images are dropped
     if rank == 0:
         os.makedirs(folder, exist_ok=True)
     repa.barrier()
     done = set(os.listdir(folder))  # one listing, not 50K stat calls on a network disk
     seeds = torch.randint(2 ** 62, (batches,), generator=torch.Generator().manual_seed(
-        args.global_seed * world + rank)).tolist()
+        global_seed * world + rank)).tolist()
     todo = []  # whole batches are redone (deterministic), but only missing PNGs are written
     for k in range(batches):
-        index = [k * stride + i * world + rank for i in range(n)]
+        index = [k * stride + i * world + rank for i in range(batch)]
         if any(j < num and f"{j:06d}.png" not in done for j in index):
             todo.append((k, index))
     count = torch.tensor([len(todo)], device=device)  # on the GPU for NCCL, the CPU for gloo
     if dist.is_initialized():
         dist.all_reduce(count)  # only for the message: each rank works through its own list
-    if rank == 0:
-        print(f"{folder}: {sum(f.endswith('.png') for f in done)} of {num} images on disk, "
-              f"sampling {count.item()} batches of {world} x {n}", flush=True)
+    repa.print0(f"{folder}: {sum(f.endswith('.png') for f in done)} of {num} images on disk, "
+                f"sampling {count.item()} batches of {world} x {batch}")
     for k, index in tqdm(todo, desc=f"rank 0 of {world}", unit="batch", disable=rank != 0):
         generator = torch.Generator(device).manual_seed(seeds[k])
         labels = torch.tensor([j % model.num_classes for j in index], device=device)
-        for j, image in zip(index, generate(model, vae, labels, generator, args, info)):
+        images = generate(model, vae, labels, generator, solver, info["input_size"])
+        for j, image in zip(index, images):
             if j < num and f"{j:06d}.png" not in done:
                 save_png(image, f"{folder}/{j:06d}.png")
     repa.barrier()  # every rank has written its PNGs; no barrier after: the .npz can take minutes
     if rank == 0:
         path = write_npz(folder, num)
         print(f"wrote {path} ({num} images)")
+
+
+#################################################################################
+#                                  Command line                                  #
+#################################################################################
+
+@dataclass
+class SampleConfig:
+    """The flags of sample.py, generated from these fields as repa.py's are from its Config."""
+    ckpt: str = ""              # ours, an official REPA checkpoint, a state dict, or a run folder
+    ema: bool = True            # sample the EMA weights (default) or the online ones (--no-ema)
+    # the model: only for a plain state dict, the other formats store it
+    model: str = ""             # size, e.g. XL/2 or SiT-XL/2 (plain state dicts: XL/2)
+    resolution: int = 0         # image pixels (plain state dicts: 256)
+    encoder_depth: int = 0      # aligned block (plain state dicts: the size table's)
+    path_type: str = ""         # linear | cosine (default: the checkpoint's, else linear)
+    # the solver; the defaults are the paper's FID 1.42 recipe
+    mode: str = "sde"           # sde (Euler-Maruyama) | ode (Euler, or Heun with --heun)
+    num_steps: int = 0          # 0: 250 for FID (the paper's), 50 for a grid (a quick look)
+    heun: bool = False          # Heun's corrector on the ODE (2N - 1 model calls)
+    cfg_scale: float = 1.8      # classifier-free guidance scale; 1 turns guidance off
+    guidance_low: float = 0.0   # guide only while guidance_low <= t <= guidance_high (t = 0 data)
+    guidance_high: float = 0.7  # the paper's guidance interval is [0, 0.7]
+    # the output
+    vae: str = "ema"            # ema | mse (stabilityai/sd-vae-ft-*), a HF name or a local folder
+    global_seed: int = 0        # rank r of W is seeded with global_seed * W + r (official)
+    per_proc_batch_size: int = 32  # images per model call on each process
+    num_fid_samples: int = 0    # 0: a grid; N: N PNGs and an .npz for FID (torchrun: many GPUs)
+    classes: str = ""           # grid rows, e.g. 207,360 (default: 8 showcase ImageNet classes)
+    per_class: int = 4          # grid columns: images per class
+    sample_dir: str = ""        # default: results/<run>/samples next to the checkpoint, else ./samples
+    tf32: bool = True           # TF32 matmuls on GPUs (official default): faster, ~1e-3 relative
+
+
+def check_args(args):
+    """Values that would otherwise fail late or quietly: one line each, before any loading."""
+    rules = [(args.ckpt, "--ckpt is required"),
+             (args.mode in ("sde", "ode"), f"--mode must be sde or ode, got {args.mode!r}"),
+             (args.path_type in ("",) + repa.PATH_TYPES,
+              f"--path-type must be one of {', '.join(repa.PATH_TYPES)}"),
+             (not args.heun or args.mode == "ode", "--heun applies to the ODE only: add --mode ode"),
+             (args.num_steps >= 0 and args.num_fid_samples >= 0 and args.resolution >= 0 and
+              args.encoder_depth >= 0, "--num-steps, --num-fid-samples, --resolution and "
+              "--encoder-depth must be at least 0"),
+             (args.per_class >= 1 and args.per_proc_batch_size >= 1,
+              "--per-class and --per-proc-batch-size must be at least 1"),
+             (args.cfg_scale >= 0, "--cfg-scale must be at least 0"),
+             (0 <= args.guidance_low <= args.guidance_high <= 1,
+              "the guidance interval must satisfy 0 <= --guidance-low <= --guidance-high <= 1")]
+    for ok, message in rules:
+        if not ok:
+            raise repa.UserError(message)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    repa.add_flags(p, SampleConfig)
+    args = SampleConfig(**vars(p.parse_args(argv)))
+    try:
+        check_args(args)
+    except repa.UserError as e:  # one line, without argparse's usage block
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return args
 
 
 def default_sample_dir(ckpt):
@@ -392,93 +484,61 @@ def default_sample_dir(ckpt):
     return "samples"
 
 
-def run_name(args, info, world):
+def run_name(args, solver, info, world):
     """Everything that changes the images is in the name, so a restart with other settings starts
     a new folder instead of mixing two recipes (the world size and batch fix the seeds)."""
     stem = os.path.splitext(os.path.basename(info["path"]))[0]
     steps = f"-s{info['steps']}" if info["steps"] is not None else ""
     vae = "" if info["pixel_space"] else f"-vae-{os.path.basename(os.path.normpath(args.vae))}"
-    heun = "-heun" if args.heun else ""
-    return (f"{stem}{steps}-{'ema' if args.ema else 'raw'}{vae}-{args.mode}{args.num_steps}{heun}"
-            f"-cfg{args.cfg_scale}-{args.guidance_low}-{args.guidance_high}-{info['path_type']}"
-            f"-seed{args.global_seed}-{world}x{args.per_proc_batch_size}")
+    heun = "-heun" if solver.heun else ""
+    return (f"{stem}{steps}-{'ema' if args.ema else 'raw'}{vae}-{solver.mode}{solver.num_steps}"
+            f"{heun}-cfg{solver.cfg_scale}-{solver.guidance_low}-{solver.guidance_high}-"
+            f"{solver.path_type}-seed{args.global_seed}-{world}x{args.per_proc_batch_size}")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="ours, an official REPA checkpoint, a state dict, "
-                   "or a run folder (its newest checkpoint)")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
-                   help="sample the EMA weights (default) or, with --no-ema, the online ones")
-    g = p.add_argument_group("model (only for a plain state dict; others store it)")
-    g.add_argument("--model", default=None, help="size, e.g. XL/2 or SiT-XL/2 (default XL/2)")
-    g.add_argument("--resolution", type=int, default=None, help="image pixels (default 256)")
-    g.add_argument("--encoder-depth", type=int, default=None, help="(default 8)")
-    g.add_argument("--path-type", default=None, choices=["linear", "cosine"],
-                   help="default: the checkpoint's, else linear")
-    g = p.add_argument_group("solver (defaults: the paper's FID 1.42 recipe)")
-    g.add_argument("--mode", default="sde", choices=["sde", "ode"])
-    g.add_argument("--num-steps", type=int, default=None,
-                   help="default 250 (the paper's) for FID; 50 for a grid, a quick preview")
-    g.add_argument("--heun", action="store_true", help="Heun's corrector (ODE only)")
-    g.add_argument("--cfg-scale", type=float, default=1.8)
-    g.add_argument("--guidance-low", type=float, default=0.0)
-    g.add_argument("--guidance-high", type=float, default=0.7)
-    g = p.add_argument_group("output")
-    g.add_argument("--vae", default="ema",
-                   help="ema, mse, a Hugging Face name or a local diffusers folder")
-    g.add_argument("--global-seed", type=int, default=0)
-    g.add_argument("--per-proc-batch-size", type=int, default=32)
-    g.add_argument("--num-fid-samples", type=int, default=0,
-                   help="0: a grid; N: N PNGs and an .npz for FID (torchrun for several GPUs)")
-    g.add_argument("--classes", default=None,
-                   help="grid rows, e.g. 207,360 (default 8 showcase ImageNet classes)")
-    g.add_argument("--per-class", type=int, default=4, help="grid columns")
-    g.add_argument("--sample-dir", default=None,
-                   help="default: results/<run>/samples next to the checkpoint, else ./samples")
-    g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
-                   help="TF32 matmuls on GPUs (official default): much faster, ~1e-3 relative")
-    return p.parse_args(argv)
+def class_names(info, classes):
+    """The demo's shape names for a pixel-space model of the demo's classes, else the ids."""
+    demo = info["pixel_space"] and info["num_classes"] == repa.DemoDataset.num_classes
+    return [repa.DemoDataset.class_names[c] for c in classes] if demo else classes
 
 
 @torch.no_grad()  # a context, not set_grad_enabled: tests call main() in their own process
 def run(args):
-    if args.heun and args.mode != "ode":
-        raise repa.UserError("--heun applies to the ODE only: add --mode ode")
-    if args.num_steps is None:  # a grid is a preview: 5x cheaper, and the demo's takes seconds
-        args.num_steps = 250 if args.num_fid_samples > 0 else 50
     torch.backends.cuda.matmul.allow_tf32 = args.tf32  # as the official generate.py (CUDA only)
     rank, world, device = repa.setup_distributed()  # NCCL on GPUs, gloo on CPUs, or none
-    model, info = load_checkpoint(args.ckpt, device, use_ema=args.ema, model=args.model,
-                                  resolution=args.resolution, encoder_depth=args.encoder_depth,
-                                  path_type=args.path_type)
-    if args.cfg_scale > 1 and model.y_embedder.embedding_table.num_embeddings == model.num_classes:
+    model, info = load_checkpoint(
+        args.ckpt, device, use_ema=args.ema, model=args.model or None,
+        resolution=args.resolution or None, encoder_depth=args.encoder_depth or None,
+        path_type=args.path_type or None)
+    if args.cfg_scale != 1 and model.y_embedder.embedding_table.num_embeddings == model.num_classes:
         raise repa.UserError("this model was trained without label dropout (cfg_prob 0), so it "
                              "has no null label to guide with: use --cfg-scale 1")
+    # a grid is a preview: 5x cheaper than FID's 250 steps, and the demo's takes seconds
+    steps = args.num_steps or (250 if args.num_fid_samples else 50)
+    solver = Solver(args.mode, steps, args.heun, args.cfg_scale, args.guidance_low,
+                    args.guidance_high, info["path_type"])
     # samples are decoded with ft-ema (official), although the latents were made with ft-mse
     vae = None if info["pixel_space"] else repa.load_vae(VAES.get(args.vae, args.vae), device)
     sample_dir = args.sample_dir or default_sample_dir(info["path"])
-    name = run_name(args, info, world)
-    if args.num_fid_samples > 0:
-        sample_fid(model, vae, info, args, rank, world, device, os.path.join(sample_dir, name))
+    name = run_name(args, solver, info, world)
+    if args.num_fid_samples:
+        sample_fid(model, vae, info, solver, args.num_fid_samples, args.per_proc_batch_size,
+                   args.global_seed, os.path.join(sample_dir, name))
     elif rank == 0:  # a grid is one process's work
         classes = ([int(c) for c in args.classes.split(",")] if args.classes else
-                   GRID_CLASSES if model.num_classes == 1000 else
-                   list(range(min(8, model.num_classes))))
+                   GRID_CLASSES if model.num_classes == repa.NUM_CLASSES else
+                   list(range(min(10, model.num_classes))))
         if not all(0 <= c < model.num_classes for c in classes):
             raise repa.UserError(f"--classes must be in [0, {model.num_classes})")
         labels = torch.tensor(classes, device=device).repeat_interleave(args.per_class)
         # one generator for the whole grid, drawn chunk after chunk: the grid depends on the seed
         # and on --per-proc-batch-size, like the official sample.py on one device
         generator = torch.Generator(device).manual_seed(args.global_seed)
-        images = torch.cat([generate(model, vae, chunk, generator, args, info)
+        images = torch.cat([generate(model, vae, chunk, generator, solver, info["input_size"])
                             for chunk in labels.split(args.per_proc_batch_size)])
         path = os.path.join(sample_dir, f"{name}-grid.png")
-        save_grid(images, classes, path)
+        save_grid(images, class_names(info, classes), path)
         print(f"wrote {path} ({len(classes)} classes x {args.per_class})")
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def main(argv=None):
@@ -488,6 +548,9 @@ def main(argv=None):
     except repa.UserError as e:  # a problem with the input: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ def test_size_table_accepts_official_names():
     assert repa.size_config("SiT-XL/2") == repa.size_config("XL/2") == dict(
         depth=28, hidden_size=1152, num_heads=16, patch_size=2, encoder_depth=8)
     assert repa.SIZES["B/4"]["encoder_depth"] == 4 and repa.SIZES["L/8"]["patch_size"] == 8
-    assert len(repa.SIZES) == 12
+    assert len(repa.SIZES) == 15  # T, S, B, L, XL x patch 2, 4, 8
     with pytest.raises(repa.UserError, match="unknown model size"):
         repa.size_config("XXL/2")
 
@@ -610,7 +610,7 @@ def test_demo_dataset_is_class_conditional_and_in_the_reader_format():
 # Training: DDP equals accumulation; a resume (also after SIGTERM) continues exactly;
 # checkpoints are atomic and in the official layout; bad input is one clear line.
 # ---------------------------------------------------------------------------------------------
-DEMO_FAST = ["--demo", "--batch-size", "16", "--log-every", "1"]
+DEMO_FAST = ["--demo", "--batch-size", "16", "--log-every", "1", "--sample-every", "0"]
 
 
 def weights(path):
@@ -675,7 +675,7 @@ def test_sigterm_saves_exits_zero_and_resumes_like_an_unbroken_run(tmp_path):
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "latest.pt")
-    repa.save_checkpoint(path, {"steps": 1, "w": torch.ones(3)})
+    repa.write_checkpoint(path, {"steps": 1, "w": torch.ones(3)})
 
     def dies_mid_write(obj, f):  # like a SIGKILL halfway through the write
         f.write(b"half a checkpoint")
@@ -683,7 +683,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dies_mid_write)
     with pytest.raises(SystemExit):
-        repa.save_checkpoint(path, {"steps": 2, "w": torch.zeros(3)})
+        repa.write_checkpoint(path, {"steps": 2, "w": torch.zeros(3)})
     assert repa.load_checkpoint(path)["steps"] == 1
 
 
@@ -691,8 +691,8 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
     import signal
     import time
     code = ("import sys, torch, repa\n"
-            "repa.save_checkpoint(sys.argv[1], {'steps': 1})\n"
-            "repa.save_checkpoint(sys.argv[1], {'steps': 2, 'w': torch.zeros(2**28)})\n")
+            "repa.write_checkpoint(sys.argv[1], {'steps': 1})\n"
+            "repa.write_checkpoint(sys.argv[1], {'steps': 2, 'w': torch.zeros(2**28)})\n")
     path = tmp_path / "latest.pt"
     proc = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=HERE)
     deadline = time.time() + 60
@@ -787,7 +787,7 @@ def test_resume_from_an_official_checkpoint_and_refusal_of_another_experiment(tm
     (["--log-every", "0"], "--log-every must be at least 1"),
     (["--grad-accum", "0"], "--grad-accum must be at least 1"),
     (["--max-step", "3"], "unrecognized arguments"),
-    (["--demo", "--model", "XL/2"], "--demo has its own model"),
+    (["--demo", "--data-dir", "x"], "--demo has its own data"),
     (["--path-type", "edm"], "--path-type must be one of")])
 def test_bad_flags_are_one_clear_line(flags, message):
     with pytest.raises(SystemExit):
@@ -821,7 +821,7 @@ def test_flags_are_generated_from_the_config():
     with pytest.raises(SystemExit):
         repa.parse_args(["--weighting", "logit"])
     demo = repa.parse_args(["--demo", "--max-steps", "7"])
-    assert demo.max_steps == 7 and demo.batch_size == repa.DEMO["config"]["batch_size"]
+    assert demo.max_steps == 7 and demo.batch_size == repa.DEMO["batch_size"]
 
 
 def test_bench_runs_on_random_data_without_weights():
@@ -1157,7 +1157,7 @@ def test_missing_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err == f"error: checkpoint {tmp_path / 'none.pt'} not found\n"
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(repa.UserError, match="cannot read checkpoint"):
+    with pytest.raises(repa.UserError, match="is not a PyTorch checkpoint"):
         sample.load_checkpoint(str(tmp_path / "bad.pt"))
 
 
@@ -1169,16 +1169,19 @@ def test_pixel_space_grid(tmp_path):
     sample.main(argv)
     (path,) = [p for p in os.listdir(tmp_path) if p.endswith("-grid.png")]
     grid = np.asarray(Image.open(tmp_path / path))
-    # 8 rows (classes 0-7 of 10) x 4 columns of 16 px images shown at 64 px, a 48 px label margin
-    assert grid.shape == (8 * 66, 48 + 4 * 66, 3)
-    assert (grid[:, :48] < 128).any()  # the class ids are written in the margin
+    # every class of the 10 is a row (named: these are the demo's shapes), 4 columns of 16 px
+    # images shown at 64 px, a 56 px margin for the names
+    assert grid.shape == (10 * 66, 56 + 4 * 66, 3)
+    assert (grid[:, :56] < 128).any()  # the class names are written in the margin
     # the tiles are the sampler's images: the same seed and recipe, decoded without a VAE
     device = repa.setup_distributed()[2]  # where main() ran: the GPU if there is one
     model, info = sample.load_checkpoint(str(tmp_path / "demo.pt"), device)
-    labels = torch.arange(8, device=device).repeat_interleave(4)
-    images = sample.generate(model, None, labels, torch.Generator(device).manual_seed(0),
-                             sample.parse_args(argv), info)
-    assert np.array_equal(grid[66 * 2:66 * 2 + 64:4, 48 + 66:48 + 66 + 64:4], images[9].numpy())
+    labels = torch.arange(10, device=device).repeat_interleave(4)
+    solver = sample.Solver("sde", 8, cfg_scale=1.8, guidance_high=0.7, path_type="linear")
+    generator = torch.Generator(device).manual_seed(0)  # one stream, chunk after chunk of 32
+    images = torch.cat([sample.generate(model, None, chunk, generator, solver, info["input_size"])
+                        for chunk in labels.split(32)])
+    assert np.array_equal(grid[66 * 2:66 * 2 + 64:4, 56 + 66:56 + 66 + 64:4], images[9].numpy())
     assert torch.is_grad_enabled()  # main() left no global state behind
 
 
@@ -1244,7 +1247,7 @@ def test_demo_trains_and_both_losses_fall(tmp_path):
     assert "not a pretrained encoder" in out.stdout  # the demo says what it aligns to
     rows = [json.loads(l) for l in open(tmp_path / "demo" / "metrics.jsonl")]
     first, last = rows[0], rows[-1]
-    assert last["step"] == repa.DEMO["config"]["max_steps"]
+    assert last["step"] == repa.DEMO["max_steps"]
     assert last["loss"] < 0.8 * first["loss"] and last["align"] < first["align"] - 0.05
     assert os.path.isfile(tmp_path / "demo" / "checkpoints" / f"{last['step']:07d}.pt")
     # and its samples: a grid on the CPU in under a minute
