@@ -1560,13 +1560,13 @@ def add_flags(parser, config_class, extra_help=None):
     helps = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(config_class), re.M))
     for f in fields(config_class):
         flag, text = "--" + f.name.replace("_", "-"), helps.get(f.name, "")
-        text += (extra_help or {}).get(f.name, "")
+        extra = (extra_help or {}).get(f.name, "")
         if isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=text)
+                                help=f"{text} ({extra.lstrip('; ')})" if extra else text)
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default,
-                                help=f"{text} (default {f.default!r})".lstrip())
+                                help=f"{text} (default {f.default!r}{extra})".lstrip())
 
 
 def given_flags(argv):
@@ -1578,10 +1578,10 @@ def parse_args(argv=None):
     """Config from the command line; with --demo, DEMO replaces the defaults of the flags that are
     not given. Names and values are checked here, before anything slow."""
     argv = sys.argv[1:] if argv is None else argv
-    demo_help = {k: f" [--demo: {v!r}]" for k, v in DEMO.items()}
+    demo_help = {k: f"; --demo: {v!r}" for k, v in DEMO.items()}
     parser = argparse.ArgumentParser(
         description="REPA training (see the docstring of repa.py). --demo replaces the defaults "
-        "shown in [--demo: ...].", allow_abbrev=False)  # --max-step must not pass for --max-steps
+        "marked '--demo: ...'.", allow_abbrev=False)  # --max-step must not pass for --max-steps
     add_flags(parser, Config, demo_help)
     args = parser.parse_args(argv)
     cfg = Config(**vars(args))

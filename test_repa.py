@@ -4,6 +4,7 @@ Grouped like the file: interpolant -> model -> loss -> encoders. Each group says
 Golden numbers were captured by running the official code (sihyun-yu/REPA @ 67f7145) on the
 same deterministic weights and inputs; only the numbers are kept here.
 """
+import copy
 import hashlib
 import math
 import os
@@ -829,6 +830,251 @@ def test_bench_runs_on_random_data_without_weights():
                    "dinov2-vit-s", "--num-workers", "0", "--resolution", "256")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "img_s" in out.stdout.splitlines()[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The training state, against closed forms: what two-run comparisons cannot see. One real
+# train_step on the demo model, then the optimiser state, the weights and the EMA are checked
+# against AdamW's, the clip's and the EMA's formulas, and the random draws against step_seed.
+# ---------------------------------------------------------------------------------------------
+def demo_run(*flags):
+    cfg = repa.parse_args(["--demo", "--batch-size", "4", "--num-workers", "0",
+                           "--results-dir", "/nonexistent", *flags])
+    run = repa.start_run(cfg)
+    data = iter(repa.loader(run.dataset, run.sampler, 0))
+    return run, data
+
+
+def params(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def manual_gradient(run, batches, step=0):
+    """The step's gradient, computed by hand: for each micro-batch m, the seed of its slot, the
+    posterior sample, the loss of eq. (9) divided by the number of micro-batches; summed."""
+    model = copy.deepcopy(run.model)
+    for m, (images, moments, labels) in enumerate(batches):
+        torch.manual_seed(repa.step_seed(run.cfg.seed, step, m))
+        zs = repa.encode(run.encoders, images)
+        mean, std = moments.chunk(2, dim=1)
+        x = mean + std * torch.randn_like(mean)  # demo: latent_scale 1
+        den, align = repa.repa_loss(model, x, labels, zs, run.cfg.path_type, run.cfg.weighting)
+        ((den.mean() + run.cfg.proj_coeff * align) / len(batches)).backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("max_grad_norm", [1e-3, 1e6])
+def test_one_step_is_adamw_on_the_clipped_averaged_gradient(max_grad_norm):
+    run, data = demo_run("--grad-accum", "2", "--weight-decay", "0.1", "--lr", "0.01",
+                         "--adam-beta1", "0.8", "--adam-beta2", "0.9",
+                         "--max-grad-norm", str(max_grad_norm))
+    batches = [next(data) for _ in range(2)]
+    before = params(run.model)
+    grads = manual_gradient(run, batches)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g)
+                                                 for g in grads.values()]))
+    stats = repa.train_step(run, batches)
+    assert run.step == 1 and stats[2].item() == pytest.approx(norm.item(), rel=1e-4)  # pre-clip
+    clip = min(1.0, max_grad_norm / (norm.item() + 1e-6))  # torch's clip_grad_norm_
+    lr, wd, b1, b2, eps = 0.01, 0.1, 0.8, 0.9, 1e-8
+    state = run.opt.state
+    for name, p in run.model.named_parameters():
+        if name not in grads:  # pos_embed: frozen
+            assert torch.equal(p, before[name])
+            continue
+        g = grads[name] * clip
+        torch.testing.assert_close(state[p]["exp_avg"], (1 - b1) * g, rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(state[p]["exp_avg_sq"], (1 - b2) * g * g, rtol=1e-4,
+                                   atol=1e-12)
+        # AdamW's first step: m_hat = g, v_hat = g^2; decoupled decay first
+        expected = before[name] * (1 - lr * wd) - lr * g / (g.abs() + eps)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_ema_is_the_lerp_of_the_formula_every_step():
+    run, data = demo_run("--ema-decay", "0.9")
+    assert all(torch.equal(a, b) for a, b in zip(run.ema.parameters(), run.model.parameters()))
+    ema = params(run.ema)
+    for _ in range(2):  # the EMA follows each step: ema <- 0.9 ema + 0.1 model
+        repa.train_step(run, [next(data)])
+        now = params(run.model)
+        ema = {n: 0.9 * ema[n] + 0.1 * now[n] for n in ema}
+        for n, p in run.ema.named_parameters():
+            torch.testing.assert_close(p, ema[n], rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(p, q) for p, q in zip(run.ema.parameters(),
+                                                     run.model.parameters()))
+
+
+def test_each_micro_batch_draws_from_the_seed_of_its_step_and_slot(monkeypatch):
+    run, data = demo_run("--grad-accum", "2", "--seed", "3")
+    seen = []
+    real = repa.sample_t
+
+    def record(batch, *args, **kw):
+        t = real(batch, *args, **kw)
+        seen.append(t.clone())
+        return t
+
+    monkeypatch.setattr(repa, "sample_t", record)
+    batches = [next(data) for _ in range(4)]
+    repa.train_step(run, batches[:2])
+    repa.train_step(run, batches[2:])
+    # by hand: seed (3, step, slot), then the posterior sample (a randn of the image's shape),
+    # then t ~ U(0, 1) of the micro-batch (2 images)
+    expected = []
+    for step, slot in [(0, 0), (0, 1), (1, 0), (1, 1)]:
+        torch.manual_seed(repa.step_seed(3, step, slot))
+        torch.randn(2, 3, 32, 32)
+        expected.append(torch.rand(2))
+    assert all(torch.equal(a, b) for a, b in zip(seen, expected))
+    assert len({repa.step_seed(3, s, m) for s in range(100) for m in range(8)}) == 800
+
+
+def test_projector_learns_nothing_without_the_alignment_term():
+    run, data = demo_run("--proj-coeff", "0")
+    before = params(run.model.projectors)
+    repa.train_step(run, [next(data)])
+    assert all(torch.equal(p, before[n]) for n, p in run.model.projectors.named_parameters())
+    assert run.model.y_embedder.dropout_prob == run.cfg.cfg_prob == 0.1  # the flag reaches it
+
+
+def test_checkpoint_schema_and_data_position(tmp_path):
+    run, data = demo_run("--results-dir", str(tmp_path), "--lr", "0.002")
+    os.makedirs(run.ckpt_dir)
+    repa.resume_run(run)
+    repa.train_step(run, [next(data)])
+    run.sampler.start = 2 * run.sampler.per_epoch + 5  # as if resumed mid-epoch 2
+    repa.save_checkpoint(run, "x.pt")
+    ckpt = repa.load_checkpoint(os.path.join(run.ckpt_dir, "x.pt"))
+    assert set(ckpt) == {"model", "ema", "opt", "args", "steps", "model_kwargs", "data"}
+    # one more global batch consumed than at the start: position 6 of epoch 2
+    assert ckpt["steps"] == 1 and ckpt["data"] == {"epoch": 2, "position": 6}
+    assert ckpt["args"]["lr"] == 0.002 and ckpt["model_kwargs"] == run.model_kwargs
+    assert all(torch.equal(ckpt["ema"][k], v) for k, v in run.ema.state_dict().items())
+    # a resume with another --lr continues with the new one, and from the same data position
+    again, _ = demo_run("--results-dir", str(tmp_path), "--lr", "0.005")
+    repa.resume_run(again)
+    assert again.step == 1 and again.sampler.start == 2 * run.sampler.per_epoch + 6
+    assert [g["lr"] for g in again.opt.param_groups] == [0.005]
+    assert all(torch.equal(again.opt.state_dict()["state"][i]["exp_avg"], s["exp_avg"])
+               for i, s in run.opt.state_dict()["state"].items())
+
+
+def test_reader_epochs_are_the_seeded_permutations():
+    n, b, seed = 100, 5, 3
+    it = iter(repa.ResumableBatches(n, b, rank=1, world=2, accum=2, seed=seed))
+    per_epoch = n // (4 * b)  # 4 slots of 5 per step: 5 steps per epoch
+    for epoch in range(2):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        for step in range(per_epoch):
+            for slot in (2, 3):  # rank 1's two micro-batches
+                begin = (step * 4 + slot) * b
+                assert next(it) == order[begin:begin + b]
+
+
+# ---------------------------------------------------------------------------------------------
+# Watching a run, and the first hour of a new user: grids from the EMA with fixed noise, W&B
+# offline, a finished run that stays untouched, one-line errors for bad values and files.
+# ---------------------------------------------------------------------------------------------
+def test_grids_are_the_ema_with_fixed_noise_at_step_1_and_every_n(tmp_path):
+    from PIL import Image
+    args = ["--demo", "--batch-size", "8", "--sample-every", "2", "--results-dir", str(tmp_path)]
+    assert run_repa(*args, "--max-steps", "2").returncode == 0
+    assert run_repa(*args, "--max-steps", "4").returncode == 0  # resumed: the same noise
+    samples = tmp_path / "demo" / "samples"
+    assert sorted(os.listdir(samples)) == ["0000001.png", "0000002.png", "0000004.png"]
+    ckpt = repa.load_checkpoint(str(tmp_path / "demo" / "checkpoints" / "0000004.pt"))
+    ema = repa.SiT(**ckpt["model_kwargs"])
+    repa.load_sit_weights(ema, ckpt["ema"])
+    noise = torch.randn(40, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(10).repeat_interleave(4)
+    x = sample.sample_ode(ema.eval(), noise, labels, num_steps=50, cfg_scale=4.0)
+    images = sample.decode(x, None)
+    grid = np.asarray(Image.open(samples / "0000004.png"))
+    assert grid.shape == (10 * 66, 56 + 4 * 66, 3)  # every class a row, 4 columns at 64 px
+    tile = grid[66 * 3:66 * 3 + 64:2, 56 + 66 * 2:56 + 66 * 2 + 64:2]  # class 3, column 2
+    assert np.array_equal(tile, images[3 * 4 + 2].numpy())
+
+
+def test_wandb_logs_offline_next_to_metrics(tmp_path):
+    pytest.importorskip("wandb")
+    out = run_repa(*DEMO_FAST, "--max-steps", "2", "--wandb", "repa-test", "--results-dir",
+                   str(tmp_path), env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    runs = [d for d in os.listdir(tmp_path / "demo" / "wandb") if d.startswith("offline-run")]
+    assert len(runs) == 1 and os.listdir(tmp_path / "demo" / "wandb" / runs[0] / "files")
+    assert len(open(tmp_path / "demo" / "metrics.jsonl").readlines()) == 2  # still the truth
+
+
+def test_a_finished_run_says_so_and_changes_nothing(tmp_path):
+    first = run_repa(*DEMO_FAST, "--max-steps", "2", "--results-dir", str(tmp_path))
+    assert first.returncode == 0 and "done: 2 steps" in first.stdout
+    assert "python sample.py --ckpt" in first.stdout and " eta " in first.stdout
+    folder = tmp_path / "demo"
+    before = {str(p): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*")
+              if p.is_file()}
+    for steps in ("2", "1"):
+        again = run_repa(*DEMO_FAST, "--max-steps", steps, "--results-dir", str(tmp_path))
+        assert again.returncode == 0 and again.stdout.count("\n") <= 1, again.stdout
+        assert "already at step 2" in again.stdout and "--exp-name" in again.stdout
+    after = {str(p): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*")
+             if p.is_file()}
+    assert after == before
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--model", "XL/3"], "unknown model size 'XL/3'"),
+    (["--enc-type", "dinov9-vit-b"], "unknown encoder 'dinov9-vit-b'"),
+    (["--lr", "-1"], "--lr must be positive, got -1.0"),
+    (["--adam-beta2", "1.5"], "--adam-beta2 must be in [0, 1), got 1.5"),
+    (["--ema-decay", "nan"], "--ema-decay must be in [0, 1], got nan"),
+    (["--cfg-prob", "1"], "--cfg-prob must be in [0, 1)"),
+    (["--batch-size", "10", "--grad-accum", "3"], "--batch-size 10 is not divisible"),
+    (["--precision", "fp8"], "--precision must be one of auto, bf16, fp32"),
+    (["--encoder-depth", "29"], "--encoder-depth must be at most 28 for XL/2"),
+    (["--model", "XL/4"], "has 64 tokens and the encoder 256 patches: use patch size 2"),
+    (["--resolution", "300"], "--resolution must be 256 or 512")])
+def test_bad_values_are_one_line_before_any_data_is_read(flags, message):
+    # the default --data-dir does not exist: the value must be named, not the missing dataset
+    out = run_repa(*flags)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert out.stderr.count("\n") == 1 and out.stdout == ""
+
+
+def test_bad_checkpoint_files_are_one_sentence(tmp_path):
+    good = tmp_path / "good.pt"
+    repa.write_checkpoint(str(good), {"model": {"w": torch.zeros(1000)}})
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:2000])
+    (tmp_path / "text.pt").write_text("these are my notes, not weights\n" * 20)
+    for name, says in [("cut.pt", "is truncated"), ("text.pt", "is not a PyTorch checkpoint")]:
+        with pytest.raises(repa.UserError) as e:
+            repa.load_checkpoint(str(tmp_path / name))
+        msg = str(e.value)
+        assert says in msg and msg.endswith(("written or copied", ")")) and "\n" not in msg
+        out = run_repa(*DEMO_FAST, "--max-steps", "1", "--resume", str(tmp_path / name),
+                       "--results-dir", str(tmp_path / "r"))
+        assert out.returncode == 2 and says in out.stderr and out.stderr.count("\n") == 1
+
+
+def test_help_shows_defaults_and_what_demo_changes():
+    out = run_repa("--help")
+    assert "--lr LR" in out.stdout and "(default 0.0001; --demo: 0.001)" in " ".join(
+        out.stdout.split())
+    text = " ".join(subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--help"],
+                                   capture_output=True, text=True, cwd=HERE).stdout.split())
+    for flag, default in [("--mode", "'sde'"), ("--cfg-scale", "1.8"), ("--guidance-low", "0.0"),
+                          ("--guidance-high", "0.7"), ("--per-class", "4")]:
+        entry = f"{flag} {flag[2:].replace('-', '_').upper()} "  # the help entry, not the usage
+        assert f"(default {default})" in text.split(entry)[-1][:300], flag
+
+
+def test_readme_library_snippet_runs_as_pasted():
+    readme = open(os.path.join(HERE, "README.md")).read()
+    snippet = readme.split("## Use it in your code", 1)[1].split("```python\n", 1)[1]
+    snippet = snippet.split("```", 1)[0]
+    namespace = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    assert namespace["loss"].ndim == 0 and math.isfinite(namespace["loss"].item())
 
 
 # =============================================================================================
