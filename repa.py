@@ -1407,6 +1407,11 @@ class Logger:
         self.sums.zero_()
         self.count, self.timer = 0, time.perf_counter()
 
+    def image(self, path):
+        if self.wandb:
+            import wandb
+            self.wandb.log({"samples": wandb.Image(path)}, step=self.run.step)
+
     def close(self):
         self.bar.close()
         if self.file:
@@ -1470,6 +1475,19 @@ def describe(run):
             f"{params:,} parameters")
 
 
+@contextlib.contextmanager
+def forbid_host_sync(enabled):
+    """While enabled, any host-device synchronisation raises (CUDA's sync-debug mode "error"):
+    this is how --sync-debug checks that a training step never waits for the GPU."""
+    if enabled:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        if enabled:
+            torch.cuda.set_sync_debug_mode("default")
+
+
 def train(cfg):
     """The training loop: one path for CPU, one GPU and torchrun over many GPUs and nodes."""
     run = start_run(cfg)
@@ -1495,18 +1513,18 @@ def train(cfg):
         while run.step < cfg.max_steps:
             # One optimisation step (with --sync-debug, any host-device sync in it is an error)
             debug = cfg.sync_debug and run.device.type == "cuda" and run.step > run.first_step
-            torch.cuda.set_sync_debug_mode("error") if debug else None
-            log.add(train_step(run, [next(data) for _ in range(cfg.grad_accum)]))
-            torch.cuda.set_sync_debug_mode("default") if debug else None
+            with forbid_host_sync(debug):
+                log.add(train_step(run, [next(data) for _ in range(cfg.grad_accum)]))
             # Log: the one host sync of the interval
             if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
                 log.flush()
             # Samples, stop on a signal, checkpoints: time not counted as training
             began = time.perf_counter()
             if grids and (run.step == 1 or run.step % cfg.sample_every == 0):
-                grids.write()
+                log.image(grids.write())
             if stop:
-                save_checkpoint(run, "latest.pt") if not cfg.bench else None
+                if not cfg.bench:
+                    save_checkpoint(run, "latest.pt")
                 print0(f"stopped by signal at step {run.step}" +
                        ("" if cfg.bench else "; saved, resume with the same command"))
                 break
