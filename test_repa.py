@@ -456,6 +456,16 @@ def test_ddpm_hybrid_loss_equals_official(t):
         torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
 
 
+def test_ddpm_loss_draws_t_then_the_noise_as_dit():
+    # DiT's train.py draws t = randint(0, 1000) and then the noise (in training_losses), from
+    # the global generator: seeded alike, our own draws give the loss of those explicit ones
+    model, (x0, _, y) = tiny_dit(), loss_inputs()
+    torch.manual_seed(3)
+    drawn, _ = repa.ddpm_loss(model, x0, y, [])
+    torch.manual_seed(3)
+    t = torch.randint(0, 1000, (4,))
+    assert torch.equal(drawn, repa.ddpm_loss(model, x0, y, [], t=t, noise=torch.randn_like(x0))[0])
+
 def test_ddpm_vb_trains_only_the_variance():
     # the stop-gradient: eps gets the gradient of the mse alone, 2 (eps - noise) / (C H W), and
     # the variance value v that of the bound (the official sum of its absolute values)
