@@ -18,6 +18,11 @@ Convention: t = 0 is data, t = 1 is noise (the official convention, the reverse 
                     sim: cosine similarity
   (9) total         L = L_velocity + lambda L_REPA,        lambda = 0.5
 
+DiT + REPA (the paper's Table 3) keeps (8) and (9) and replaces (1)-(3) by DiT's improved DDPM:
+  x_k = sqrt(abar_k) x_* + sqrt(1 - abar_k) eps with integer k ~ U{0, .., 999} and linear betas;
+  the network outputs eps_theta and a variance value v, and L_hybrid = ||eps_theta - eps||^2 +
+  L_vb, the variational bound term that trains v through a stop-gradient on eps_theta.
+
 Glossary: h_phi = projector (one per encoder); encoder_depth = the block whose output is aligned
 (8 for L and XL, 4 for B); lambda = `proj_coeff`; z / z_dims = encoder features and their widths.
 
@@ -27,14 +32,16 @@ Commands
   python repa.py --demo                              # REPA on built-in shapes, CPU, ~3 minutes
   torchrun --nproc_per_node=8 repa.py --prepare IMAGENET/train --data-dir data/imagenet256
   torchrun --nproc_per_node=8 repa.py --model XL/2 --data-dir data/imagenet256   # the paper
+  torchrun --nproc_per_node=8 repa.py --model DiT-XL/2 --data-dir data/imagenet256   # DiT + REPA
   python repa.py --bench 30 --model XL/2 --batch-size 64 --compile   # img/s and MFU, no data
   python sample.py --ckpt results/demo                                # a grid of samples
   torchrun --nproc_per_node=8 sample.py --ckpt results/repa --num-fid-samples 50000  # FID .npz
 
 Map of this file
 ----------------
-  I   The method     interpolant and t; SiT (embeddings, block, projector, size table, loading);
-                     the loss (eqs. 3, 8, 9); the frozen encoders. Depends on torch and timm only:
+  I   The method     interpolant and t; DiT's DDPM schedule; SiT and DiT (embeddings, block,
+                     projector, size table, loading); the loss (eqs. 3, 8, 9, and DiT's hybrid
+                     loss); the frozen encoders. Depends on torch, numpy and timm only:
                      a reader who stops here has the whole method and can paste it.
   II  Data           processes and files; the SD-VAE; ImageNet -> shards; the reader and its
                      resumable order; the demo's data and alignment target.
@@ -45,6 +52,8 @@ import argparse
 import contextlib
 import copy
 import datetime
+import functools
+import itertools
 import json
 import math
 import os
@@ -123,6 +132,89 @@ def sample_t(batch, weighting="uniform", path_type="linear", device=None):
     if weighting == "lognormal":
         return noise_ratio_time(torch.randn(batch, device=device).exp(), path_type)
     raise UserError(f"unknown weighting {weighting!r}: choose one of {', '.join(WEIGHTINGS)}")
+
+
+#################################################################################
+#          The improved DDPM of DiT: schedule, posterior, learned variance      #
+#################################################################################
+# The paper also applies REPA to DiT, trained with the improved DDPM (Nichol & Dhariwal 2021) as
+# in DiT's code. Timesteps are integers k = 0 .. T-1 (k = 0 the least noisy), T = 1000, and
+# abar_k = prod_{j <= k} (1 - beta_j) with DDPM's linear betas:
+#   forward    q(x_k | x_0) = N(sqrt(abar_k) x_0, (1 - abar_k) I)
+#   posterior  q(x_{k-1} | x_k, x_0) = N(c1_k x_0 + c2_k x_k, beta~_k I)   (Bayes on the two)
+#              c1 = beta sqrt(abar_prev) / (1 - abar),  c2 = (1 - abar_prev) sqrt(1 - beta) /
+#              (1 - abar),  beta~ = beta (1 - abar_prev) / (1 - abar)
+#   model      p(x_{k-1} | x_k): the posterior at x_0 = (x_k - sqrt(1 - abar_k) eps_theta) /
+#              sqrt(abar_k), with log-variance frac log beta_k + (1 - frac) log beta~_k,
+#              frac = (v_theta + 1) / 2: the network's second C channels v_theta pick it
+# A sampler with fewer steps keeps a subset of the k (`space_timesteps`) and recomputes the betas
+# of that shorter chain from abar, so the same formulas serve the training chain and every sampler.
+DDPM_STEPS = 1000  # T
+
+
+def space_timesteps(num_steps, total=DDPM_STEPS):
+    """The `num_steps` original timesteps a respaced chain keeps: evenly strided over 0 .. total-1
+    and rounded with Python's round, i.e. half to even (with 25 steps the stride is 41.625 and
+    166.5 -> 166), accumulated step by step: the official `space_timesteps` with one section."""
+    if not 2 <= num_steps <= total:
+        raise UserError(f"DDPM sampling takes 2 to {total} steps, got {num_steps}")
+    stride = (total - 1) / (num_steps - 1)
+    return [round(k) for k in itertools.accumulate([stride] * (num_steps - 1), initial=0.0)]
+
+
+@functools.lru_cache(maxsize=None)
+def ddpm_schedule(num_steps=DDPM_STEPS, device="cpu"):
+    """The tables of the chain through `space_timesteps(num_steps)` (all 1000 for training), each a
+    float64 tensor indexed by the respaced step i; "timesteps"[i] is the original k the model
+    sees. Computed in float64 numpy with the official expressions (so they agree to the bit), once
+    per device: reading them costs no host-device copy in a training step."""
+    scale = 1000 / DDPM_STEPS  # DDPM's linear betas from 1e-4 to 0.02, for T = 1000
+    linear = np.linspace(scale * 1e-4, scale * 0.02, DDPM_STEPS)
+    kept = space_timesteps(num_steps)
+    abar_kept = np.cumprod(1.0 - linear)[kept]
+    betas = 1.0 - abar_kept / np.append(1.0, abar_kept[:-1])  # the shorter chain, same marginals
+    abar = np.cumprod(1.0 - betas)
+    abar_prev = np.append(1.0, abar[:-1])
+    post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
+    tables = dict(
+        betas=betas, alphas_cumprod=abar, log_betas=np.log(betas),
+        sqrt_alphas_cumprod=np.sqrt(abar), sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - abar),
+        sqrt_recip_alphas_cumprod=np.sqrt(1.0 / abar),             # x_0 from x_k and eps
+        sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / abar - 1),
+        posterior_variance=post_var,
+        # beta~_0 = 0 (x_0 is known there): its log is clipped to log beta~_1, not -inf
+        posterior_log_variance_clipped=np.log(np.append(post_var[1], post_var[1:])),
+        posterior_mean_coef1=betas * np.sqrt(abar_prev) / (1.0 - abar),
+        posterior_mean_coef2=(1.0 - abar_prev) * np.sqrt(1.0 - betas) / (1.0 - abar))
+    out = {k: torch.from_numpy(v).to(device) for k, v in tables.items()}
+    return dict(out, timesteps=torch.tensor(kept, device=device))
+
+
+def schedule_at(table, t):
+    """table[t] for a batch of steps t (B,), as float32 (B, 1, 1, 1): the float64 tables are read
+    per sample and cast before use, as the official code does, so all arithmetic is float32."""
+    return table[t].float().view(-1, 1, 1, 1)
+
+
+def ddpm_posterior(sched, x0, x_t, t):
+    """(mean, clipped log-variance) of q(x_{t-1} | x_t, x_0), t the step index of `sched`."""
+    mean = (schedule_at(sched["posterior_mean_coef1"], t) * x0 +
+            schedule_at(sched["posterior_mean_coef2"], t) * x_t)
+    return mean, schedule_at(sched["posterior_log_variance_clipped"], t)
+
+
+def ddpm_model_gaussian(sched, x_t, t, eps, v):
+    """(mean, log-variance, x_0) of the model's p(x_{t-1} | x_t) from its outputs eps and v.
+
+    v is meant to lie in [-1, 1] and interpolates the log-variance between the posterior's
+    (v = -1) and beta_t (v = 1); as in the official code it is not clamped (outside, the
+    interpolation extrapolates), and x_0 is not clipped."""
+    frac = (v + 1) / 2
+    log_var = (frac * schedule_at(sched["log_betas"], t) +
+               (1 - frac) * schedule_at(sched["posterior_log_variance_clipped"], t))
+    x0 = (schedule_at(sched["sqrt_recip_alphas_cumprod"], t) * x_t -
+          schedule_at(sched["sqrt_recipm1_alphas_cumprod"], t) * eps)
+    return ddpm_posterior(sched, x0, x_t, t)[0], log_var, x0
 
 
 #################################################################################
@@ -240,18 +332,20 @@ def projector(hidden_size, projector_dim, z_dim):
 class SiT(nn.Module):
     """Scalable Interpolant Transformer (Ma et al. 2024): DiT's architecture trained on the
     interpolant of eq. (1), plus REPA's projectors reading block `encoder_depth` (1-based).
-    The defaults are SiT-XL/2's with one DINOv2-B target.
+    The defaults are SiT-XL/2's with one DINOv2-B target. With learn_sigma it is DiT (see `DiT`).
 
-    forward(x, t, y) -> (v, zs): v has x's shape; zs[k] is (B, tokens, z_dims[k])."""
+    forward(x, t, y) -> (out, zs): out is v (x's shape), or for DiT eps and the variance value v
+    (2C channels); zs[k] is (B, tokens, z_dims[k]). t is a float in [0, 1] for SiT, an integer
+    timestep 0 .. 999 for DiT."""
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
                  num_heads=16, mlp_ratio=4.0, class_dropout_prob=CLASS_DROPOUT,
                  num_classes=NUM_CLASSES, encoder_depth=8, z_dims=(768,),
-                 projector_dim=PROJECTOR_DIM, qk_norm=False):
+                 projector_dim=PROJECTOR_DIM, qk_norm=False, learn_sigma=False):
         super().__init__()
-        if not 1 <= encoder_depth <= depth:
+        if z_dims and not 1 <= encoder_depth <= depth:  # without projectors it reads nothing
             raise UserError(f"encoder_depth must be in [1, {depth}], got {encoder_depth}")
-        self.in_channels, self.patch_size = in_channels, patch_size
+        self.in_channels, self.patch_size, self.learn_sigma = in_channels, patch_size, learn_sigma
         self.num_classes, self.encoder_depth = num_classes, encoder_depth
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -262,7 +356,9 @@ class SiT(nn.Module):
         self.blocks = nn.ModuleList(SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm)
                                     for _ in range(depth))
         self.projectors = nn.ModuleList(projector(hidden_size, projector_dim, z) for z in z_dims)
-        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
+        # DiT's learned variance doubles the output: eps, then v (the improved DDPM)
+        self.final_layer = FinalLayer(hidden_size, patch_size,
+                                      2 * in_channels if learn_sigma else in_channels)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -294,6 +390,7 @@ class SiT(nn.Module):
     def forward(self, x, t, y):
         x = self.x_embedder(x) + self.pos_embed     # (B, T, D), T = (H / p) * (W / p)
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D), the condition of every block
+        zs = []
         for i, block in enumerate(self.blocks, start=1):
             x = block(x, c)
             if i == self.encoder_depth:  # h_t of eq. (8): read it mid-network, token by token
@@ -301,17 +398,29 @@ class SiT(nn.Module):
         return self.unpatchify(self.final_layer(x, c)), zs
 
 
+def DiT(learn_sigma=True, z_dims=(), **kwargs):
+    """DiT (Peebles & Xie 2023), the paper's other base model (Table 3): SiT's very network with
+    learn_sigma (2C outputs: eps and the variance value v), trained with the improved DDPM
+    (`ddpm_loss`) on integer timesteps fed unscaled to the same embedder. It takes the official
+    DiT keywords (input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
+    class_dropout_prob, num_classes, learn_sigma). Without z_dims it is the official DiT, whose
+    checkpoints load strictly; DiT + REPA passes z_dims (and encoder_depth) as SiT does."""
+    return SiT(learn_sigma=learn_sigma, z_dims=z_dims, **kwargs)
+
+
 # Sizes of the SiT paper (table 1), with REPA's alignment depth: 8 for L and XL and, from the
 # official issue #5, 4 for B. S is not in the paper; it gets 4, like B (12 blocks too). T (tiny)
-# is not in any paper either: it is the demo's CPU-sized model.
+# is not in any paper either: it is the demo's CPU-sized model. "DiT-XL/2" etc. are the same
+# networks with DiT's learned variance, trained with the improved DDPM.
 _WIDTHS = {"T": (6, 128, 4, 2), "S": (12, 384, 6, 4), "B": (12, 768, 12, 4),
            "L": (24, 1024, 16, 8), "XL": (28, 1152, 16, 8)}
 SIZES = {f"{name}/{p}": dict(depth=d, hidden_size=h, num_heads=n, patch_size=p, encoder_depth=e)
          for name, (d, h, n, e) in _WIDTHS.items() for p in (2, 4, 8)}
+SIZES |= {f"DiT-{name}": dict(size, learn_sigma=True) for name, size in SIZES.items()}
 
 
 def size_config(name):
-    """SIZES entry for 'XL/2' or the official 'SiT-XL/2'."""
+    """SIZES entry for 'XL/2', the official 'SiT-XL/2', or 'DiT-XL/2'."""
     key = name.removeprefix("SiT-")
     if key not in SIZES:
         raise UserError(f"unknown model size {name!r}: choose one of {', '.join(SIZES)}")
@@ -319,7 +428,7 @@ def size_config(name):
 
 
 def build_model(name, **overrides):
-    """SiT of a named size, e.g. build_model('XL/2', input_size=32, z_dims=[768])."""
+    """SiT (or DiT) of a named size, e.g. build_model('XL/2', input_size=32, z_dims=[768])."""
     return SiT(**{**size_config(name), **overrides})
 
 
@@ -350,7 +459,7 @@ def load_sit_weights(model, state_dict):
 
 
 #################################################################################
-#                          The REPA loss (eqs. 3, 8, 9)                         #
+#           The REPA loss (eqs. 3, 8, 9), and DiT's improved-DDPM loss          #
 #################################################################################
 
 def alignment_loss(zs_pred, zs):
@@ -370,7 +479,7 @@ def alignment_loss(zs_pred, zs):
                             f"(e.g. patch size 2 for a 16 x 16 DINOv2 grid) and equal widths")
         cos = (F.normalize(zp.float(), dim=-1) * F.normalize(z.float(), dim=-1)).sum(-1)
         terms.append(-cos.mean())
-    return torch.stack(terms).mean()
+    return torch.stack(terms).mean() if terms else torch.zeros(())  # no encoders: plain SiT/DiT
 
 
 def repa_loss(model, x, y, zs, path_type="linear", weighting="uniform", t=None, noise=None):
@@ -390,10 +499,62 @@ def repa_loss(model, x, y, zs, path_type="linear", weighting="uniform", t=None, 
     return denoising, alignment_loss(zs_pred, zs)
 
 
+def normal_kl(mean1, log_var1, mean2, log_var2):
+    """KL(N(mean1, e^log_var1) || N(mean2, e^log_var2)) per element, in nats."""
+    return 0.5 * (-1.0 + log_var2 - log_var1 + torch.exp(log_var1 - log_var2) +
+                  ((mean1 - mean2) ** 2) * torch.exp(-log_var2))
+
+
+def discretized_gaussian_nll(x, mean, log_scale):
+    """-log P(x) per element, in nats, for x on the 256 levels of 8-bit data in [-1, 1]: the
+    Gaussian's mass on the bin x +- 1/255, with the outermost bins stretched to -inf and +inf, so
+    the 256 probabilities sum to 1. The normal CDF is the tanh approximation (as GELU's) and
+    probabilities are floored at 1e-12, as in the official code. DiT applies it to latents too."""
+    cdf = lambda u: 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (u + 0.044715 * u ** 3)))
+    centered, inv_std = x - mean, torch.exp(-log_scale)
+    cdf_plus = cdf(inv_std * (centered + 1.0 / 255.0))
+    cdf_min = cdf(inv_std * (centered - 1.0 / 255.0))
+    log_p = torch.where(x < -0.999, torch.log(cdf_plus.clamp(min=1e-12)),
+                        torch.where(x > 0.999, torch.log((1.0 - cdf_min).clamp(min=1e-12)),
+                                    torch.log((cdf_plus - cdf_min).clamp(min=1e-12))))
+    return -log_p
+
+
+def ddpm_vb(sched, x0, x_t, t, eps, v):
+    """The variational-bound term L_{t-1} of each sample (B,), in bits per dimension:
+    KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0, and the decoder's -log p(x_0 | x_1)
+    at t = 0."""
+    true_mean, true_log_var = ddpm_posterior(sched, x0, x_t, t)
+    mean, log_var, _ = ddpm_model_gaussian(sched, x_t, t, eps, v)
+    kl = normal_kl(true_mean, true_log_var, mean, log_var).mean(dim=(1, 2, 3)) / math.log(2.0)
+    nll = discretized_gaussian_nll(x0, mean, 0.5 * log_var).mean(dim=(1, 2, 3)) / math.log(2.0)
+    return torch.where(t == 0, nll, kl)
+
+
+def ddpm_loss(model, x, y, zs, t=None, noise=None):
+    """DiT's objective in place of eq. (3): (hybrid loss (B,), alignment loss scalar), with the
+    same arguments as `repa_loss`; combine them with `total_loss` (eq. 9).
+
+    The improved DDPM's hybrid loss: mse = ||eps - eps_theta||^2 (mean over C, H, W) trains the
+    mean, and the variational bound trains the variance value v through a stop-gradient on eps, so
+    that the bound does not pull on the mean. t ~ U{0, .., 999} is drawn before the noise, as in
+    DiT's train.py; pass t (int64) and noise to pin them."""
+    sched = ddpm_schedule(DDPM_STEPS, x.device)
+    t = torch.randint(0, DDPM_STEPS, (x.shape[0],), device=x.device) if t is None else t
+    noise = torch.randn_like(x) if noise is None else noise
+    x_t = (schedule_at(sched["sqrt_alphas_cumprod"], t) * x +
+           schedule_at(sched["sqrt_one_minus_alphas_cumprod"], t) * noise)
+    out, zs_pred = model(x_t, t, y)
+    eps, v = out.float().chunk(2, dim=1)
+    mse = (noise - eps).square().mean(dim=(1, 2, 3))
+    return mse + ddpm_vb(sched, x, x_t, t, eps.detach(), v), alignment_loss(zs_pred, zs)
+
+
 def total_loss(denoising, align, proj_coeff=0.5):
-    """Eq. (9): the batch mean of the denoising loss plus lambda times the alignment loss.
-    lambda = 0.5 is the paper's (its ablation: 0.25 / 0.5 / 0.75 / 1.0 give FID 8.6 / 7.9 / 7.8 /
-    7.8 for XL/2 at 400K steps); lambda = 0 is the vanilla SiT."""
+    """Eq. (9): the batch mean of the denoising loss (SiT's v-loss or DiT's hybrid loss) plus
+    lambda times the alignment loss. lambda = 0.5 is the paper's (its ablation: 0.25 / 0.5 / 0.75
+    / 1.0 give FID 8.6 / 7.9 / 7.8 / 7.8 for XL/2 at 400K steps); lambda = 0 is the vanilla SiT
+    (or DiT)."""
     return denoising.mean() + proj_coeff * align
 
 
@@ -952,13 +1113,13 @@ class Config:
     prepare: str = ""           # ImageNet-style folder to turn into shards at --data-dir
     bench_data: int = 0         # read this many samples from --data-dir, print samples/s
     # model and method
-    model: str = "XL/2"         # T|S|B|L|XL / 2|4|8, or the official SiT-XL/2
+    model: str = "XL/2"         # T|S|B|L|XL / 2|4|8, or SiT-XL/2; DiT-XL/2 etc.: DiT (DDPM)
     encoder_depth: int = 0      # block whose output is aligned (eq. 8); 0 = the size table's
     enc_type: str = "dinov2-vit-b"  # frozen encoder(s), comma-separated; NAME=PATH for a file
     proj_coeff: float = 0.5     # lambda of eq. (9); 0 trains the vanilla SiT
     projector_dim: int = PROJECTOR_DIM  # hidden width of the projector h_phi
-    path_type: str = "linear"   # linear | cosine
-    weighting: str = "uniform"  # uniform | lognormal
+    path_type: str = "linear"   # linear | cosine (SiT)
+    weighting: str = "uniform"  # uniform | lognormal (SiT)
     cfg_prob: float = CLASS_DROPOUT  # label dropout, for classifier-free guidance
     qk_norm: bool = False       # LayerNorm on queries and keys
     # data
@@ -1222,7 +1383,10 @@ def train_step(run, micro_batches):
         # DDP all-reduces the gradients on the last micro-batch only
         sync = m == accum - 1 or run.world == 1
         with contextlib.nullcontext() if sync else run.net.no_sync(), autocast:
-            denoising, align = repa_loss(run.net, x, labels, zs, cfg.path_type, cfg.weighting)
+            if run.model.learn_sigma:  # DiT: the improved DDPM's hybrid loss
+                denoising, align = ddpm_loss(run.net, x, labels, zs)
+            else:
+                denoising, align = repa_loss(run.net, x, labels, zs, cfg.path_type, cfg.weighting)
             loss = total_loss(denoising, align, cfg.proj_coeff)
         (loss / accum).backward()
         stats[:2] += torch.stack([denoising.mean(), align]).detach() / accum
@@ -1423,12 +1587,12 @@ class Logger:
 class Grids:
     """Samples from the EMA with the same noise and labels for the whole run (also across
     resumes), as the paper's fig. 4: one row per class, written as samples/NNNNNNN.png. The
-    official trainer does this too (every 10K steps, 50 Euler steps, CFG 4). Latent runs are
-    decoded with the VAE that made the latents."""
+    official trainer does this too (every 10K steps, 50 Euler steps, CFG 4); a DiT uses 50 DDPM
+    steps, whose noise is seeded too. Latent runs are decoded with the VAE that made the latents."""
 
     def __init__(self, run, per_class=4, num_steps=50, cfg_scale=4.0):
         import sample  # the samplers; a lazy import, since sample.py imports this file
-        self.run, self.sample, self.num_steps = run, sample, num_steps
+        self.run, self.sample = run, sample
         model = run.model
         names = getattr(run.dataset, "class_names", None)
         self.classes = (sample.GRID_CLASSES if model.num_classes == NUM_CLASSES else
@@ -1440,7 +1604,9 @@ class Grids:
         self.noise = torch.randn(len(self.labels), model.in_channels, size, size,
                                  generator=g).to(run.device)
         has_null = model.y_embedder.embedding_table.num_embeddings > model.num_classes
-        self.cfg_scale = cfg_scale if has_null else 1.0
+        self.solver = sample.Solver("ddpm" if model.learn_sigma else "ode", num_steps,
+                                    cfg_scale=cfg_scale if has_null else 1.0, guidance_high=1.0,
+                                    path_type=run.cfg.path_type)
         self.vae = None if model.in_channels == 3 else load_vae(
             json.load(open(os.path.join(run.cfg.data_dir, "manifest.json")))["vae"], run.device)
         os.makedirs(os.path.join(run.dir, "samples"), exist_ok=True)
@@ -1448,8 +1614,8 @@ class Grids:
     @torch.no_grad()
     def write(self):
         run, sample = self.run, self.sample
-        x = sample.sample_ode(run.ema, self.noise, self.labels, num_steps=self.num_steps,
-                              cfg_scale=self.cfg_scale, path_type=run.cfg.path_type)
+        generator = torch.Generator(run.device).manual_seed(run.cfg.seed)  # the DDPM's noise
+        x = self.solver(run.ema, self.noise, self.labels, generator)
         path = os.path.join(run.dir, "samples", f"{run.step:07d}.png")
         sample.save_grid(sample.decode(x, self.vae), self.names, path)
         return path
@@ -1464,6 +1630,7 @@ def describe(run):
     the data and the target."""
     cfg, unused = run.cfg, {"prepare", "shard_size", "bench_data", "vae"}
     unused |= set(DEMO_ONLY) - {"enc_type"} if cfg.demo else set()
+    unused |= {"path_type", "weighting"} if run.model.learn_sigma else set()  # SiT's only
     shown = {k: v for k, v in asdict(cfg).items() if k not in unused}
     data = ("demo: procedural shapes in pixel space (no VAE); the alignment target is PatchStats "
             "(hand-made colour and edge features per patch), not a pretrained encoder"
@@ -1471,8 +1638,8 @@ def describe(run):
             f"{len(run.dataset):,} images at {run.dataset.resolution} px from {cfg.data_dir}")
     params = sum(p.numel() for p in run.model.parameters())
     return (f"config {json.dumps(shown)}\nmodel {json.dumps(run.model_kwargs)}\ndata {data}\n"
-            f"git {git_revision()}, world {run.world}, device {run.device}, {run.precision}; SiT "
-            f"{params:,} parameters")
+            f"git {git_revision()}, world {run.world}, device {run.device}, {run.precision}; "
+            f"{'DiT' if run.model.learn_sigma else 'SiT'} {params:,} parameters")
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """
 Sampling for REPA: the ODE and SDE solvers of the official code, with classifier-free guidance and
-its guidance interval; a labelled PNG grid to look at; and 50K images plus the `.npz` for FID.
+its guidance interval, and DiT's DDPM sampler; a labelled PNG grid to look at; and 50K images plus
+the `.npz` for FID.
 
 The solvers, in the notation of repa.py (t = 0 data, t = 1 noise, x_t = alpha_t x_* + sigma_t eps)
 --------------------------------------------------------------------------------------------------
@@ -19,6 +20,9 @@ The solvers, in the notation of repa.py (t = 0 data, t = 1 noise, x_t = alpha_t 
   guidance (CFG)           v = v(x, t, null) + cfg (v(x, t, y) - v(x, t, null)),
                            only while guidance_low <= t <= guidance_high (Kynkaanniemi et al. 2024).
                            The paper's FID 1.42 is the SDE, 250 steps, cfg 1.8, interval [0, 0.7].
+  DiT (DDPM)               ancestral steps x_{k-1} = mu_theta(x_k, k) + sigma_theta(x_k, k) z on the
+                           1000-step chain respaced to N steps, with the learned variance (DiT's
+                           sample_ddp.py); guidance mixes eps: eps_null + cfg (eps_y - eps_null).
 
 Commands
 --------
@@ -26,9 +30,10 @@ Commands
   python sample.py --help                              # every flag, with its default
   torchrun --nproc_per_node=8 sample.py --ckpt C --num-fid-samples 50000   # PNGs + .npz for FID
   python sample.py --ckpt last.pt --model XL/2 --resolution 256 --encoder-depth 8   # released
+  python sample.py --ckpt DiT-XL-2-256x256.pt --model DiT-XL/2 --resolution 256 --cfg-scale 1.5
 
-Numbers match the official samplers (sihyun-yu/REPA samplers.py) to float64 rounding; see
-test_repa.py for the golden runs.
+Numbers match the official samplers (sihyun-yu/REPA samplers.py) to float64 rounding, and DiT's
+sampler (facebookresearch/DiT) to the bit on a CPU; see test_repa.py for the golden runs.
 """
 import argparse
 import math
@@ -49,8 +54,32 @@ SDE_T_LAST = 0.04  # the SDE's last noisy time; from there one mean step goes to
 
 
 #################################################################################
-#             The guided velocity: CFG and the guidance interval                #
+#             Guidance (CFG and its interval), and the guided velocity          #
 #################################################################################
+
+def guidance_scale(cfg_scale, t, guidance_low, guidance_high):
+    """The CFG scale at time t: cfg_scale inside [guidance_low, guidance_high], else 1 (none).
+    Inclusive on both ends, compared in float64: with 5 ODE steps t = 0.2 exactly, so an interval
+    starting at 0.2 guides the last step (as the official code does)."""
+    return cfg_scale if guidance_low <= t <= guidance_high else 1.0
+
+
+def guided(model, x, t, y, cfg_scale, dtype, mixed_channels=None):
+    """model(x, t, y)[0] as `dtype`; with cfg_scale > 1, classifier-free guidance
+    out = uncond + cfg_scale (cond - uncond) on the first `mixed_channels` channels (all by
+    default; DiT's eps), the others (DiT's variance value) being the conditional half's.
+
+    This is the only place where guidance happens. One batched call: the conditional half first,
+    then the same x with the null label (row `num_classes` of the label table, learned through
+    label dropout in training; the official code hard-codes 1000, the same for ImageNet)."""
+    if cfg_scale <= 1:
+        return model(x, t, y)[0].to(dtype)
+    null = torch.full_like(y, model.num_classes)
+    cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))[0].to(
+        dtype).chunk(2)
+    k = mixed_channels or cond.shape[1]
+    return torch.cat([uncond[:, :k] + cfg_scale * (cond[:, :k] - uncond[:, :k]), cond[:, k:]], 1)
+
 
 def velocity(model, x, t, y, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
              dtype=torch.float32, guide_t=None):
@@ -61,25 +90,13 @@ def velocity(model, x, t, y, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
     t broadcast to the batch. `guide_t` is the time at which guidance is decided (default t):
     the official Heun corrector decides at the step's start t_cur, not at the t_next it evaluates.
 
-    This is the only place where guidance happens. The official SDE guides the drift rather than
-    v, but the drift is affine in v at fixed (x, t), d = a v + b x, and an affine map commutes
-    with u + w (c - u) (its weights 1 - w and w sum to 1): guiding v gives the same drift."""
-    guide_t = t if guide_t is None else guide_t
-    # inclusive on both ends, compared in float64: with 5 ODE steps t = 0.2 exactly, so an
-    # interval starting at 0.2 guides the last step (as the official code does)
-    guided = cfg_scale > 1 and guidance_low <= guide_t <= guidance_high
-    if guided:
-        # one batched call: the conditional half first, then the same x with the null label
-        # (row `num_classes` of the label table, learned through label dropout in training;
-        # the official code hard-codes 1000, which is the same for ImageNet)
-        x = torch.cat([x, x])
-        y = torch.cat([y, torch.full_like(y, model.num_classes)])
+    The official SDE guides the drift rather than v, but the drift is affine in v at fixed (x, t),
+    d = a v + b x, and an affine map commutes with u + w (c - u) (its weights 1 - w and w sum to
+    1): guiding v gives the same drift."""
+    scale = guidance_scale(cfg_scale, t if guide_t is None else guide_t, guidance_low,
+                           guidance_high)
     t_batch = torch.full((x.shape[0],), t, dtype=dtype, device=x.device)
-    v = model(x.to(dtype), t_batch, y)[0].to(torch.float64)
-    if guided:
-        cond, uncond = v.chunk(2)
-        v = uncond + cfg_scale * (cond - uncond)
-    return v
+    return guided(model, x.to(dtype), t_batch, y, scale, torch.float64)
 
 
 def score(v, x, t, path_type="linear"):
@@ -154,10 +171,38 @@ def sample_sde(model, z, y, num_steps=50, heun=False, cfg_scale=1.0, guidance_lo
     return x
 
 
+#################################################################################
+#         DiT's sampler: ancestral steps of the improved DDPM (learned variance)  #
+#################################################################################
+
+@torch.no_grad()
+def sample_ddpm(model, z, y, num_steps=250, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
+                generator=None):
+    """DiT's sampler (its sample_ddp.py, for FID): ancestral steps x <- mean + sigma noise of the
+    model's p(x_{k-1} | x_k) down the chain respaced to `num_steps` (repa.ddpm_schedule), from
+    noise z to data; returns z's dtype (float32, like the official: no float64 state here).
+
+    Each step calls the model with the ORIGINAL timestep k (int64), then draws the step's noise
+    (torch.randn_like, or `generator`); the last step's draw is masked, so there are num_steps
+    draws. Guidance is on while k / 1000 (its t, 0 = data) is in [guidance_low, guidance_high]."""
+    sched = repa.ddpm_schedule(num_steps, z.device)
+    x = z
+    for i, k in reversed(list(enumerate(repa.space_timesteps(num_steps)))):
+        t = torch.full((x.shape[0],), i, device=x.device)  # the step of the respaced tables
+        scale = guidance_scale(cfg_scale, k / repa.DDPM_STEPS, guidance_low, guidance_high)
+        out = guided(model, x, torch.full_like(t, k), y, scale, x.dtype, x.shape[1])
+        mean, log_var, _ = repa.ddpm_model_gaussian(sched, x, t, *out.chunk(2, dim=1))
+        noise = torch.randn_like(x) if generator is None else torch.randn(
+            x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        x = mean + float(i > 0) * torch.exp(0.5 * log_var) * noise  # no noise into x_0
+    return x
+
+
 @dataclass(frozen=True)
 class Solver:
     """A sampling recipe: which solver, how many steps, and the guidance. Calling it solves from
-    noise z (t = 1) to data (t = 0) for labels y; `generator` feeds the SDE's noise."""
+    noise z to data for labels y; `generator` feeds the SDE's and the DDPM's noise. Modes sde and
+    ode are for SiT (velocity), ddpm for DiT (eps and variance)."""
     mode: str = "sde"
     num_steps: int = 250
     heun: bool = False
@@ -167,6 +212,9 @@ class Solver:
     path_type: str = "linear"
 
     def __call__(self, model, z, y, generator=None):
+        if self.mode == "ddpm":
+            return sample_ddpm(model, z, y, self.num_steps, self.cfg_scale, self.guidance_low,
+                               self.guidance_high, generator)
         kwargs = dict(num_steps=self.num_steps, heun=self.heun, cfg_scale=self.cfg_scale,
                       guidance_low=self.guidance_low, guidance_high=self.guidance_high,
                       path_type=self.path_type)
@@ -182,6 +230,7 @@ class Solver:
 # repa.SiT(...) call, the weights, and the settings a user may also give as flags (`OVERRIDES`).
 OVERRIDES = ("model", "resolution", "encoder_depth", "path_type", "num_classes", "qk_norm")
 PLAIN_MODEL = "XL/2"  # the released last.pt; the official generate.py's defaults: 256 px, linear
+# (for a DiT state dict, DiT-XL/2: the released DiT-XL-2-256x256.pt and -512x512.pt)
 
 
 def _merge(stored, overrides):
@@ -203,8 +252,9 @@ def read_ours(ckpt, weights, overrides):
     """repa.py's checkpoints: `model_kwargs` is the exact SiT(...) call (in_channels 3 means
     pixel space, no VAE); the size and resolution it implies are named to check flags against."""
     kwargs, args = dict(ckpt["model_kwargs"]), dict(ckpt.get("args") or {})
-    size = next((name for name, sz in repa.SIZES.items() if all(
-        kwargs.get(k) == v for k, v in sz.items() if k != "encoder_depth")), None)
+    size = next((name for name, sz in repa.SIZES.items() if all(  # SiT sizes: learn_sigma False
+        kwargs.get(k, False) == v for k, v in {"learn_sigma": False, **sz}.items()
+        if k != "encoder_depth")), None)
     pixels = kwargs["input_size"] * (1 if kwargs["in_channels"] == 3 else repa.VAE_DOWNSAMPLE)
     stored = {k: kwargs.get(k) for k in ("encoder_depth", "num_classes", "qk_norm")}
     cfg = _merge(dict(stored, model=size, resolution=pixels, path_type=args.get("path_type")),
@@ -243,13 +293,22 @@ def read_official(ckpt, weights, overrides):
 
 
 def read_plain(ckpt, weights, overrides):
-    """A bare state dict (the released XL/2 last.pt, with legacy `decoder_blocks.*` keys): the
-    class count and qk-norm are read from the weights; the size comes from the flags."""
-    table = next((v for k, v in ckpt.items() if k.endswith("embedding_table.weight")), None)
+    """A bare state dict: the released REPA XL/2 last.pt (legacy `decoder_blocks.*` keys) or an
+    official DiT checkpoint. The class count, qk-norm and DiT's learned variance (a final layer
+    twice as wide as a patch) are read from the weights; the size comes from the flags."""
+    find = lambda suffix: next((v for k, v in ckpt.items() if k.endswith(suffix)), None)
+    table, patch, final = (find(k) for k in ("embedding_table.weight", "x_embedder.proj.weight",
+                                             "final_layer.linear.weight"))
+    dit = patch is not None and final is not None and final.shape[0] == 2 * patch[0].numel()
     inferred = dict(num_classes=None if table is None else table.shape[0] - 1,
                     qk_norm=any(".attn.q_norm." in k for k in ckpt))
     cfg = _merge(dict(inferred, model=None), overrides)
-    cfg["model"] = cfg["model"] or PLAIN_MODEL
+    cfg["model"] = cfg["model"] or ("DiT-" if dit else "") + PLAIN_MODEL
+    if repa.size_config(cfg["model"]).get("learn_sigma", False) != dit:
+        size = cfg["model"].removeprefix("SiT-").removeprefix("DiT-")
+        kind = "DiT (eps and a learned variance)" if dit else "SiT"
+        raise repa.UserError(f"this state dict is a {kind}, not a {cfg['model']}: use --model "
+                             f"{'DiT-' if dit else ''}{size}")
     return official_kwargs(cfg, ckpt), ckpt, cfg
 
 
@@ -420,17 +479,17 @@ class SampleConfig:
     ckpt: str = ""              # ours, an official REPA checkpoint, a state dict, or a run folder
     ema: bool = True            # sample the EMA weights (default) or the online ones (--no-ema)
     # the model: only for a plain state dict, the other formats store it
-    model: str = ""             # size, e.g. XL/2 or SiT-XL/2 (plain state dicts: XL/2)
+    model: str = ""             # size, e.g. XL/2, SiT-XL/2, DiT-XL/2 (plain: XL/2 or DiT-XL/2)
     resolution: int = 0         # image pixels (plain state dicts: 256)
     encoder_depth: int = 0      # aligned block (plain state dicts: the size table's)
     path_type: str = ""         # linear | cosine (default: the checkpoint's, else linear)
-    # the solver; the defaults are the paper's FID 1.42 recipe
-    mode: str = "sde"           # sde (Euler-Maruyama) | ode (Euler, or Heun with --heun)
+    # the solver; the defaults are the paper's FID 1.42 recipe (SiT), DiT's sampler for a DiT
+    mode: str = ""              # SiT: sde (default) | ode (Euler, or Heun); DiT: ddpm (its own)
     num_steps: int = 0          # 0: 250 for FID (the paper's), 50 for a grid (a quick look)
     heun: bool = False          # Heun's corrector on the ODE (2N - 1 model calls)
     cfg_scale: float = 1.8      # classifier-free guidance scale; 1 turns guidance off
     guidance_low: float = 0.0   # guide only while guidance_low <= t <= guidance_high (t = 0 data)
-    guidance_high: float = 0.7  # the paper's guidance interval is [0, 0.7]
+    guidance_high: float = -1.0  # -1: 0.7 for SiT (the paper's), 1 for DiT (t = timestep / 1000)
     # the output
     vae: str = "ema"            # ema | mse (stabilityai/sd-vae-ft-*), a HF name or a local folder
     global_seed: int = 0        # rank r of W is seeded with global_seed * W + r (official)
@@ -442,10 +501,14 @@ class SampleConfig:
     tf32: bool = True           # TF32 matmuls on GPUs (official default): faster, ~1e-3 relative
 
 
+GUIDANCE_RULE = "the guidance interval must satisfy 0 <= --guidance-low <= --guidance-high <= 1"
+
+
 def check_args(args):
     """Values that would otherwise fail late or quietly: one line each, before any loading."""
     rules = [(args.ckpt, "--ckpt is required"),
-             (args.mode in ("sde", "ode"), f"--mode must be sde or ode, got {args.mode!r}"),
+             (args.mode in ("", "sde", "ode", "ddpm"),
+              f"--mode must be sde, ode or ddpm, got {args.mode!r}"),
              (args.path_type in ("",) + repa.PATH_TYPES,
               f"--path-type must be one of {', '.join(repa.PATH_TYPES)}"),
              (not args.heun or args.mode == "ode", "--heun applies to the ODE only: add --mode ode"),
@@ -455,8 +518,9 @@ def check_args(args):
              (args.per_class >= 1 and args.per_proc_batch_size >= 1,
               "--per-class and --per-proc-batch-size must be at least 1"),
              (args.cfg_scale >= 0, "--cfg-scale must be at least 0"),
-             (0 <= args.guidance_low <= args.guidance_high <= 1,
-              "the guidance interval must satisfy 0 <= --guidance-low <= --guidance-high <= 1")]
+             (0 <= args.guidance_low <= 1 and (args.guidance_high == -1 or
+                                               args.guidance_low <= args.guidance_high <= 1),
+              GUIDANCE_RULE)]
     for ok, message in rules:
         if not ok:
             raise repa.UserError(message)
@@ -502,6 +566,24 @@ def class_names(info, classes):
     return [repa.DemoDataset.class_names[c] for c in classes] if demo else classes
 
 
+def make_solver(args, model, path_type):
+    """The Solver of the flags, with the defaults that depend on the model: the mode (SiT: sde;
+    DiT: ddpm, its only sampler), the steps (250 for FID; a grid is a preview: 50, 5x cheaper, and
+    the demo's takes seconds) and the end of the guidance interval (SiT: 0.7, the paper's; DiT:
+    1, guidance on every step as in DiT)."""
+    dit = model.learn_sigma
+    mode = args.mode or ("ddpm" if dit else "sde")
+    if (mode == "ddpm") != dit:
+        raise repa.UserError("this is a DiT (eps and a learned variance): it samples with --mode "
+                             "ddpm" if dit else "--mode ddpm is DiT's sampler; this is a SiT: use "
+                             "--mode sde or ode")
+    high = args.guidance_high if args.guidance_high >= 0 else 1.0 if dit else 0.7
+    if args.guidance_low > high:
+        raise repa.UserError(GUIDANCE_RULE)
+    steps = args.num_steps or (250 if args.num_fid_samples else 50)
+    return Solver(mode, steps, args.heun, args.cfg_scale, args.guidance_low, high, path_type)
+
+
 @torch.no_grad()  # a context, not set_grad_enabled: tests call main() in their own process
 def run(args):
     torch.backends.cuda.matmul.allow_tf32 = args.tf32  # as the official generate.py (CUDA only)
@@ -513,10 +595,7 @@ def run(args):
     if args.cfg_scale != 1 and model.y_embedder.embedding_table.num_embeddings == model.num_classes:
         raise repa.UserError("this model was trained without label dropout (cfg_prob 0), so it "
                              "has no null label to guide with: use --cfg-scale 1")
-    # a grid is a preview: 5x cheaper than FID's 250 steps, and the demo's takes seconds
-    steps = args.num_steps or (250 if args.num_fid_samples else 50)
-    solver = Solver(args.mode, steps, args.heun, args.cfg_scale, args.guidance_low,
-                    args.guidance_high, info["path_type"])
+    solver = make_solver(args, model, info["path_type"])
     # samples are decoded with ft-ema (official), although the latents were made with ft-mse
     vae = None if info["pixel_space"] else repa.load_vae(VAES.get(args.vae, args.vae), device)
     sample_dir = args.sample_dir or default_sample_dir(info["path"])

@@ -133,7 +133,7 @@ def test_size_table_accepts_official_names():
     assert repa.size_config("SiT-XL/2") == repa.size_config("XL/2") == dict(
         depth=28, hidden_size=1152, num_heads=16, patch_size=2, encoder_depth=8)
     assert repa.SIZES["B/4"]["encoder_depth"] == 4 and repa.SIZES["L/8"]["patch_size"] == 8
-    assert len(repa.SIZES) == 15  # T, S, B, L, XL x patch 2, 4, 8
+    assert len(repa.SIZES) == 30  # T, S, B, L, XL x patch 2, 4, 8, as SiT and as DiT
     with pytest.raises(repa.UserError, match="unknown model size"):
         repa.size_config("XXL/2")
 
@@ -281,6 +281,269 @@ def test_loss_backward_reaches_projector_and_blocks():
     assert model.x_embedder.proj.weight.grad.abs().sum() > 0
     assert model.blocks[0].adaLN_modulation[1].weight.grad.abs().sum() > 0
     assert model.blocks[-1].adaLN_modulation[1].weight.grad.abs().sum() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# DiT + REPA: SiT's network with learn_sigma, the improved DDPM's schedule and hybrid loss.
+# Golden numbers from the official DiT (facebookresearch/DiT @ ed81ce2) on the tiny DiT below,
+# filled by fill_ (its keys are the official ones, so the weights are the same), in eval mode:
+# forward x from seed 1, t = [0, 500, 999], y = [1, 7, 1000]; loss x0 and noise from seed 2,
+# y = [1, 7, 3, 1000]; samplers z from seed 4, y = [3, 5], the noise of step n from seed 100 + n.
+# The schedule's maths is also checked in closed form, independently of the official code.
+# ---------------------------------------------------------------------------------------------
+TINY_DIT = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=4, num_heads=4,
+                mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True)
+GOLDEN_DIT = {
+    'keys_sha256': '0c418a08d54931d5a9a0c06a8bd8dcc46a50e0462353203668eb35c98287d72a',
+    # (all parameters, trainable ones) at 256 px: the frozen pos_embed is a Parameter
+    'params': {'DiT-XL/2': (675_129_632, 674_834_720), 'DiT-L/2': (458_102_816, 457_840_672),
+               'DiT-B/2': (130_512_416, 130_315_808)},
+    'forward': [263.79661528393626, 1444.9783011695833, -0.6415497435226483, 1.1515681743621826,
+                1.1969413757324219, 0.9862523078918457, 0.2506386339664459, 0.05868900567293167,
+                0.4593791365623474],
+    # t -> (loss, mse, vb), per sample
+    'loss': {
+        (0, 1, 500, 999): (
+            [4.794565677642822, 2.5786759853363037, 2.364755868911743, 2.1391639709472656],
+            [2.0182321071624756, 1.5982856750488281, 2.3461012840270996, 2.108128070831299],
+            [2.7763335704803467, 0.9803903698921204, 0.018654627725481987, 0.031035808846354485]),
+        (0, 0, 0, 0): (
+            [4.794565677642822, 4.269821643829346, 4.322355270385742, 4.500134468078613],
+            [2.0182321071624756, 1.6953365802764893, 1.7865411043167114, 1.756808876991272],
+            [2.7763335704803467, 2.5744850635528564, 2.535814046859741, 2.743325710296631]),
+        (999, 2, 250, 750): (
+            [2.3173043727874756, 2.162649631500244, 1.8841397762298584, 2.1542348861694336],
+            [2.283684015274048, 1.581362247467041, 1.8697106838226318, 2.130687952041626],
+            [0.03362034633755684, 0.5812874436378479, 0.014429052360355854, 0.02354704961180687]),
+    },
+    # sum |d(sum vb) / d(model output)| over the variance channels at t = [0, 1, 500, 999]
+    'vb_grad_var': 0.7294464111328125,
+    # the 1000-step tables: (first three, last three, sum)
+    'schedule': {
+        'betas': ([9.999999999998899e-05, 0.00011991991991988638, 0.00013983983983989479],
+                  [0.019960160160160223, 0.01998008008008001, 0.020000000000000018],
+                  10.050000000000004),
+        'alphas_cumprod': ([0.9999, 0.9997800920720721, 0.9996402829841216],
+                           [4.202152991415678e-05, 4.118193638138445e-05, 4.035829765375676e-05],
+                           275.51323339680613),
+        'posterior_variance': ([0.0, 5.453187661300667e-05, 8.548911523094303e-05],
+                               [0.019960143076755768, 0.019980063304243127, 0.019999983526560627],
+                               10.035505610704288),
+        'posterior_log_variance_clipped': (
+            [-9.81672513529595, -9.81672513529595, -9.367121497366247],
+            [-3.9140178399503736, -3.9130203373862122, -3.912023829100454], -4896.90725843247),
+        'posterior_mean_coef1': (
+            [1.0, 0.5452914995101377, 0.38870683586738325],
+            [0.0001307062445096018, 0.00012952423622957586, 0.00012835148717224693],
+            10.900027749952438),
+        'posterior_mean_coef2': ([0.0, 0.4547084989905303, 0.6112931602877927],
+                                 [0.9899687683240964, 0.9899587234910676, 0.9899486782675173],
+                                 985.4293898988383),
+    },
+    # respacing: the original timesteps kept (250: the first and last ten), the betas of 5
+    'kept': {5: [0, 250, 500, 749, 999], 10: [0, 111, 222, 333, 444, 555, 666, 777, 888, 999],
+             25: [0, 42, 83, 125, 166, 208, 250, 291, 333, 375, 416, 458, 500, 541, 583, 624,
+                  666, 708, 749, 791, 832, 874, 916, 957, 999],
+             250: [0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 963, 967, 971, 975, 979, 983, 987, 991,
+                   995, 999]},
+    'betas_5': [9.999999999998899e-05, 0.47852482186365886, 0.8507993437253065,
+                0.9569319491434207, 0.9879547261295479],
+    # (steps, cfg scale) -> checks() of the final samples (the first half, for the guided run).
+    # With cfg 1.5 DiT's own forward_with_cfg (guiding eps channels 0-2 only) gives sum
+    # -24385.85665678978; we guide all four eps channels (the standard form), as the run below.
+    'sampler': {
+        (5, 1.0): [-26768.932172060013, 29918977.950281136, -8766.739697709243,
+                   -205.98252868652344, 171.1439971923828, -63.34773254394531,
+                   -50.84544372558594, -70.46080780029297, -155.36285400390625],
+        (10, 1.0): [-23591.157784700394, 34965246.85294618, -8576.07280543499,
+                    -194.38185119628906, 293.5126037597656, -15.358827590942383,
+                    26.31850242614746, -101.02311706542969, -140.5106964111328],
+        (25, 1.0): [-19082.907080709934, 46233144.67316873, -7094.424683971298,
+                    -223.5325469970703, 478.465087890625, 45.17462921142578,
+                    176.8059539794922, -83.40523529052734, -160.25836181640625],
+        (10, 1.5): [-24143.182900607586, 34864796.14398091, -8528.087546782834,
+                    -186.66976928710938, 278.8367004394531, -12.839264869689941,
+                    11.300320625305176, -101.18553924560547, -160.1494140625],
+    },
+}
+
+
+def tiny_dit():
+    return fill_(repa.DiT(**TINY_DIT)).eval()
+
+
+def test_dit_keys_and_size_table_equal_official():
+    model = tiny_dit()
+    lines = "\n".join(f"{k} {tuple(v.shape)}" for k, v in model.state_dict().items())
+    assert hashlib.sha256(lines.encode()).hexdigest() == GOLDEN_DIT["keys_sha256"]
+    assert sum(p.numel() for p in model.parameters()) == 395_936
+    assert repa.size_config("DiT-XL/2") == dict(repa.SIZES["XL/2"], learn_sigma=True)
+    assert (repa.SIZES["DiT-B/2"]["encoder_depth"], repa.SIZES["DiT-L/2"]["encoder_depth"]) == (4, 8)
+    assert all(repa.SIZES[f"DiT-{k}"] == dict(v, learn_sigma=True) for k, v in repa.SIZES.items()
+               if not k.startswith("DiT-"))
+
+
+@pytest.mark.parametrize("name", list(GOLDEN_DIT["params"]))
+def test_dit_parameter_counts_equal_official(name):
+    with torch.device("meta"):
+        model = repa.build_model(name, input_size=32, z_dims=[])
+    counts = (sum(p.numel() for p in model.parameters()),
+              sum(p.numel() for p in model.parameters() if p.requires_grad))
+    assert counts == GOLDEN_DIT["params"][name]
+    assert model.final_layer.linear.out_features == 2 * 2 * 2 * 4  # p * p * 2C: eps and v
+
+
+def test_dit_forward_equals_official():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        out, zs = tiny_dit()(x, torch.tensor([0, 500, 999]), torch.tensor([1, 7, 1000]))
+    assert out.shape == (3, 8, 8, 8) and zs == []
+    assert_golden(out, dict(zip(["sum", "sumsq", "wsum"], GOLDEN_DIT["forward"][:3]),
+                            first=GOLDEN_DIT["forward"][3:]))
+
+
+def test_ddpm_schedule_and_respacing_equal_official():
+    sched = repa.ddpm_schedule()
+    for name, (first, last, total) in GOLDEN_DIT["schedule"].items():
+        table = sched[name]
+        assert table.dtype == torch.float64 and len(table) == 1000
+        torch.testing.assert_close(table[:3], torch.tensor(first, dtype=torch.float64),
+                                   rtol=1e-12, atol=0)
+        torch.testing.assert_close(table[-3:], torch.tensor(last, dtype=torch.float64),
+                                   rtol=1e-12, atol=0)
+        assert abs(table.sum().item() - total) <= 1e-12 * abs(total)
+    for n, kept in GOLDEN_DIT["kept"].items():
+        got = repa.space_timesteps(n)
+        assert (got[:10] + got[-10:] if n == 250 else got) == kept and len(got) == n
+    assert repa.ddpm_schedule(5)["timesteps"].tolist() == GOLDEN_DIT["kept"][5]
+    torch.testing.assert_close(repa.ddpm_schedule(5)["betas"],
+                               torch.tensor(GOLDEN_DIT["betas_5"], dtype=torch.float64),
+                               rtol=1e-12, atol=0)
+    with pytest.raises(repa.UserError, match="2 to 1000 steps"):
+        repa.space_timesteps(1)
+
+
+class Capture(torch.nn.Module):
+    """Wraps a model and keeps its last input x_t and output, with the output's gradient."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.seen = model, {}
+
+    def forward(self, x, t, y):
+        out, zs = self.model(x, t, y)
+        out.retain_grad()
+        self.seen.update(x_t=x, out=out)
+        return out, zs
+
+
+def loss_inputs():
+    g = torch.Generator().manual_seed(2)
+    x0, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    return x0, noise, torch.tensor([1, 7, 3, 1000])
+
+
+@pytest.mark.parametrize("t", list(GOLDEN_DIT["loss"]))
+def test_ddpm_hybrid_loss_equals_official(t):
+    model, (x0, noise, y) = Capture(tiny_dit()), loss_inputs()
+    t_ = torch.tensor(t)
+    loss, align = repa.ddpm_loss(model, x0, y, [], t=t_, noise=noise)
+    eps, v = model.seen["out"].chunk(2, dim=1)
+    vb = repa.ddpm_vb(repa.ddpm_schedule(), x0, model.seen["x_t"], t_, eps, v)
+    expected = [torch.tensor(e) for e in GOLDEN_DIT["loss"][t]]
+    assert loss.shape == (4,) and loss.dtype == torch.float32 and align.item() == 0
+    for got, want in zip([loss, loss - vb, vb], expected):  # loss, mse, vb
+        torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_ddpm_loss_draws_t_then_the_noise_as_dit():
+    # DiT's train.py draws t = randint(0, 1000) and then the noise (in training_losses), from
+    # the global generator: seeded alike, our own draws give the loss of those explicit ones
+    model, (x0, _, y) = tiny_dit(), loss_inputs()
+    torch.manual_seed(3)
+    drawn, _ = repa.ddpm_loss(model, x0, y, [])
+    torch.manual_seed(3)
+    t = torch.randint(0, 1000, (4,))
+    assert torch.equal(drawn, repa.ddpm_loss(model, x0, y, [], t=t, noise=torch.randn_like(x0))[0])
+
+def test_ddpm_vb_trains_only_the_variance():
+    # the stop-gradient: eps gets the gradient of the mse alone, 2 (eps - noise) / (C H W), and
+    # the variance value v that of the bound (the official sum of its absolute values)
+    model, (x0, noise, y) = Capture(tiny_dit()), loss_inputs()
+    loss, _ = repa.ddpm_loss(model, x0, y, [], t=torch.tensor([0, 1, 500, 999]), noise=noise)
+    loss.sum().backward()
+    out = model.seen["out"]
+    torch.testing.assert_close(out.grad[:, :4], 2 * (out[:, :4] - noise).detach() / 256)
+    assert abs(out.grad[:, 4:].abs().sum().item() - GOLDEN_DIT["vb_grad_var"]) < 1e-5
+
+
+def closed_form_posterior(kept):
+    """Bayes on q(x_s | x_0) = N(sqrt(a_s) x_0, 1 - a_s) and q(x_k | x_s) = N(sqrt(a_k / a_s) x_s,
+    1 - a_k / a_s), s the kept step before k, from DDPM's linear betas alone: the precision is
+    1 / (1 - a_s) + (a_k / a_s) / (1 - a_k / a_s); returns (c1, c2, variance) for i >= 1."""
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[kept]
+    a_k, a_s = abar[1:], abar[:-1]
+    alpha = a_k / a_s
+    var = 1 / (1 / (1 - a_s) + alpha / (1 - alpha))
+    return var * a_s.sqrt() / (1 - a_s), var * alpha.sqrt() / (1 - alpha), var, abar
+
+
+@pytest.mark.parametrize("steps", [1000, 25])
+def test_ddpm_posterior_is_bayes_rule(steps):
+    sched = repa.ddpm_schedule(steps)
+    c1, c2, var, abar = closed_form_posterior(repa.space_timesteps(steps))
+    # respacing keeps the marginals q(x_k | x_0) of the kept steps
+    torch.testing.assert_close(sched["alphas_cumprod"], abar, rtol=1e-12, atol=0)
+    for name, want in [("posterior_mean_coef1", c1), ("posterior_mean_coef2", c2),
+                       ("posterior_variance", var)]:
+        torch.testing.assert_close(sched[name][1:], want, rtol=1e-9, atol=0)
+    # step 0 has a known x_0: mean x_0, variance 0, whose log is clipped to step 1's
+    assert (sched["posterior_mean_coef1"][0], sched["posterior_mean_coef2"][0],
+            sched["posterior_variance"][0]) == (1, 0, 0)
+    assert sched["posterior_log_variance_clipped"][0] == sched["posterior_log_variance_clipped"][1]
+    # the model's Gaussian: the true eps gives back x_0, so its mean is the posterior's; v = -1
+    # and v = 1 give the posterior's variance and beta
+    torch.manual_seed(0)
+    x0, noise, t = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.tensor([1, 7, 20])
+    a = repa.schedule_at(sched["alphas_cumprod"], t)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    post_mean, _ = repa.ddpm_posterior(sched, x0, x_t, t)
+    want = c1[t - 1].view(-1, 1, 1, 1) * x0.double() + c2[t - 1].view(-1, 1, 1, 1) * x_t.double()
+    torch.testing.assert_close(post_mean.double(), want, rtol=1e-5, atol=1e-5)
+    for v, table in [(-1, "posterior_log_variance_clipped"), (1, "log_betas")]:
+        mean, log_var, x0_pred = repa.ddpm_model_gaussian(sched, x_t, t, noise,
+                                                          torch.full_like(x0, v))
+        torch.testing.assert_close(x0_pred, x0, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(mean, post_mean, rtol=1e-4, atol=1e-4)
+        assert torch.equal(log_var, repa.schedule_at(sched[table], t).expand_as(x0))
+
+
+def test_ddpm_vb_is_zero_for_the_true_posterior_and_the_decoder_is_a_distribution():
+    sched = repa.ddpm_schedule()
+    torch.manual_seed(0)
+    x0, noise, t = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4), torch.tensor([1, 600])
+    a = repa.schedule_at(sched["alphas_cumprod"], t)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    # the KL is 0 when the model's Gaussian is the true posterior (exact eps and v = -1), and
+    # with eps off by 0.1 it is the closed form (dm)^2 / (2 var) in bits, dm = c1 * 0.1 dx0/deps
+    true_var = -torch.ones_like(x0)
+    assert repa.ddpm_vb(sched, x0, x_t, t, noise, true_var).abs().max() < 1e-5
+    c1, var = sched["posterior_mean_coef1"][t], sched["posterior_variance"][t]
+    dm = c1 * sched["sqrt_recipm1_alphas_cumprod"][t] * 0.1
+    torch.testing.assert_close(repa.ddpm_vb(sched, x0, x_t, t, noise + 0.1, true_var).double(),
+                               dm ** 2 / (2 * var) / math.log(2), rtol=1e-3, atol=0)
+    # the decoder's 256 bins of 8-bit data in [-1, 1] carry probability 1 in all; each bin's
+    # mass is close to the exact Gaussian's (the official tanh approximation of the CDF)
+    levels = torch.linspace(-1, 1, 256, dtype=torch.float64)
+    for mean, log_scale in [(0.3, -3.0), (-0.98, -5.0), (0.0, 0.5)]:
+        m, s = torch.full_like(levels, mean), torch.full_like(levels, log_scale)
+        p = torch.exp(-repa.discretized_gaussian_nll(levels, m, s))
+        assert abs(p.sum().item() - 1) < 1e-9
+        edges = torch.cat([levels[:1] - math.inf, (levels[1:] + levels[:-1]) / 2,
+                           levels[-1:] + math.inf])
+        exact = torch.diff(torch.special.ndtr((edges - mean) / math.exp(log_scale)))
+        assert (p - exact).abs().max() < 1e-3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1079,6 +1342,29 @@ def test_readme_library_snippet_runs_as_pasted():
     assert namespace["loss"].ndim == 0 and math.isfinite(namespace["loss"].item())
 
 
+def test_dit_trains_with_the_ddpm_loss_and_samples_with_ddpm(tmp_path, monkeypatch, capsys):
+    # train_step takes the objective from the model (a DiT: the hybrid loss, with REPA's term);
+    # the training grids and sample.py take DiT's sampler, with guidance on every step
+    seen, ddpm_loss, ddpm = [], repa.ddpm_loss, sample.sample_ddpm
+    monkeypatch.setattr(repa, "ddpm_loss", lambda *a, **k: seen.append(len(a[3])) or ddpm_loss(
+        *a, **k))
+    monkeypatch.setattr(repa, "repa_loss", None)  # not called for a DiT
+    run = repa.train(repa.parse_args([*DEMO_FAST, "--model", "DiT-T/4", "--max-steps", "2",
+                                      "--results-dir", str(tmp_path)]))
+    assert seen == [1, 1] and run.model_kwargs["learn_sigma"] and run.model.learn_sigma
+    assert "DiT 1,992,552 parameters" in capsys.readouterr().out
+    monkeypatch.setattr(sample, "sample_ddpm", lambda *a: seen.append(a[3:]) or ddpm(*a))
+    assert os.path.isfile(repa.Grids(run, per_class=1, num_steps=3).write())
+    assert seen[-1][:4] == (3, 4.0, 0.0, 1.0) and seen[-1][4] is not None  # seeded noise
+    sample.main(["--ckpt", str(tmp_path / "demo"), "--num-steps", "3", "--per-class", "1",
+                 "--sample-dir", str(tmp_path)])
+    assert seen[-1][:4] == (3, 1.8, 0.0, 1.0)
+    assert [p for p in os.listdir(tmp_path) if "-ddpm3-cfg1.8-0.0-1.0-" in p]
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", str(tmp_path / "demo"), "--mode", "sde"])
+    assert "it samples with --mode ddpm" in capsys.readouterr().err
+
+
 # =============================================================================================
 # sample.py
 #   1. Given the exact velocity of a Gaussian data distribution, the ODE lands on the target (Euler
@@ -1336,6 +1622,51 @@ def test_samplers_equal_official(name, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# DiT's sampler: the official p_sample_loop as DiT's sample_ddp.py calls it (clip_denoised
+# False) on the tiny DiT, 5 / 10 / 25 respaced steps and CFG 1.5 in the standard form, with the
+# recorded noise replayed through torch.randn_like as in the golden run (see GOLDEN_DIT).
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("steps,cfg_scale", list(GOLDEN_DIT["sampler"]))
+def test_ddpm_sampler_equals_official(steps, cfg_scale, monkeypatch):
+    model = tiny_dit()
+    g = torch.Generator().manual_seed(4)
+    z, y = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([3, 5])
+    recorded = [torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(100 + n))
+                for n in range(steps)]
+    events, forward = [], model.forward
+
+    def replayed_randn_like(x):
+        assert x.shape == z.shape and x.dtype == torch.float32
+        events.append("noise")
+        return recorded[events.count("noise") - 1]
+
+    def traced_forward(x, t, labels):
+        events.append((x.shape[0], t.dtype, *set(t.tolist())))
+        return forward(x, t, labels)
+
+    monkeypatch.setattr(torch, "randn_like", replayed_randn_like)
+    monkeypatch.setattr(model, "forward", traced_forward)
+    out = sample.sample_ddpm(model, z, y, steps, cfg_scale)
+    # the samples of the untrained model are large (|x| up to ~500): relative tolerance
+    torch.testing.assert_close(torch.tensor(checks(out), dtype=torch.float64), torch.tensor(
+        GOLDEN_DIT["sampler"][(steps, cfg_scale)], dtype=torch.float64), rtol=1e-5, atol=1e-3)
+    # each step calls the model at the ORIGINAL timestep (int64; batch 4 = guided), then draws
+    # its noise: num_steps draws, the last one masked
+    batch = 4 if cfg_scale > 1 else 2
+    assert events == [e for k in GOLDEN_DIT["kept"][steps][::-1]
+                      for e in [(batch, torch.int64, k), "noise"]]
+
+
+def test_ddpm_sampler_generator_equals_seeded_global_rng():
+    model, z, y = tiny_dit(), torch.randn(2, 4, 8, 8), torch.tensor([3, 5])
+    torch.manual_seed(7)
+    a = sample.sample_ddpm(model, z, y, 5, cfg_scale=2.0, guidance_high=0.5)
+    b = sample.sample_ddpm(model, z, y, 5, cfg_scale=2.0, guidance_high=0.5,
+                           generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b) and a.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
 # Checkpoints, files and the command line: three layouts load, a 2-process FID run writes PNGs
 # and an .npz and resumes exactly, a pixel-space grid, and one-line errors.
 # ---------------------------------------------------------------------------------------------
@@ -1397,6 +1728,25 @@ def test_official_checkpoint_without_label_dropout_loads(tmp_path):
         mp.setitem(repa.SIZES, "XL/2", small)
         loaded, info = sample.load_checkpoint(str(tmp_path / "official.pt"))
     assert loaded.y_embedder.embedding_table.num_embeddings == 1000 and info["format"] == "official"
+
+
+def test_plain_official_dit_state_dict_loads(tmp_path):
+    # DiT-XL-2-256x256.pt is a plain state dict: the learned variance shows in the final layer's
+    # width (2 p^2 C), and there are no projectors
+    dit, sit = tiny_dit(), fill_(tiny_model(z_dims=()))
+    torch.save(dit.state_dict(), tmp_path / "dit.pt")
+    torch.save(sit.state_dict(), tmp_path / "sit.pt")
+    small = dict(depth=4, hidden_size=64, num_heads=4, patch_size=2, encoder_depth=2)
+    with pytest.MonkeyPatch.context() as mp:  # tiny "XL/2" sizes, so the test stays small
+        mp.setitem(repa.SIZES, "XL/2", small)
+        mp.setitem(repa.SIZES, "DiT-XL/2", dict(small, learn_sigma=True))
+        loaded, info = sample.load_checkpoint(str(tmp_path / "dit.pt"), resolution=64)
+        with pytest.raises(repa.UserError, match="is a DiT .*: use --model DiT-XL/2"):
+            sample.load_checkpoint(str(tmp_path / "dit.pt"), model="XL/2", resolution=64)
+        with pytest.raises(repa.UserError, match="is a SiT, not a DiT-XL/2: use --model XL/2"):
+            sample.load_checkpoint(str(tmp_path / "sit.pt"), model="DiT-XL/2", resolution=64)
+    assert info["format"] == "plain" and loaded.learn_sigma and len(loaded.projectors) == 0
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in dit.state_dict().items())
 
 
 def test_missing_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
