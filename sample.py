@@ -1,6 +1,8 @@
 """
 Sampling for REPA: the ODE and SDE solvers of the official code, with classifier-free guidance and
-its guidance interval; a labelled PNG grid to look at; and 50K images plus the `.npz` for FID.
+its guidance interval; a labelled PNG grid to look at; 50K images plus the `.npz` for FID; and the
+evaluation of that `.npz` in-process: FID, sFID, Inception Score, precision and recall as ADM's
+suite computes them, on torch-fidelity's port of its TensorFlow Inception (no TensorFlow needed).
 
 The solvers, in the notation of repa.py (t = 0 data, t = 1 noise, x_t = alpha_t x_* + sigma_t eps)
 --------------------------------------------------------------------------------------------------
@@ -25,6 +27,10 @@ Commands
   python sample.py --ckpt results/demo                 # a labelled grid from the newest checkpoint
   python sample.py --help                              # every flag, with its default
   torchrun --nproc_per_node=8 sample.py --ckpt C --num-fid-samples 50000   # PNGs + .npz for FID
+  torchrun --nproc_per_node=8 sample.py --ckpt C --num-fid-samples 50000 --fid-ref REF.npz
+                                 # ... then FID, sFID, IS, precision and recall against REF, e.g.
+                                 # ADM's VIRTUAL_imagenet256_labeled.npz, or a folder of images
+  python sample.py --evaluate SAMPLES.npz --fid-ref REF.npz   # the same for any .npz
   python sample.py --ckpt last.pt --model XL/2 --resolution 256 --encoder-depth 8   # released
 
 Numbers match the official samplers (sihyun-yu/REPA samplers.py) to float64 rounding; see
@@ -436,6 +442,7 @@ INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.
 INCEPTION_FILES = ("weights-inception-2015-12-05-6726825d.pth",
                    "pt_inception-2015-12-05-6726825d.pth")
 SPATIAL_CHANNELS = 7  # sFID keeps mixed_6/conv[..., :7] (ADM)
+FEATURE_DIMS = (2048, 17 * 17 * SPATIAL_CHANNELS, 1008)  # pool_3, spatial, logits
 IS_SPLITS = 10        # the Inception Score is a mean over 10 consecutive chunks of the samples
 PR_K = 3              # k of the k-NN balls of precision/recall (ADM's nhood_sizes)
 PR_BLOCK = 10_000     # rows and columns of one block of distances (ADM's row/col batch size)
@@ -638,7 +645,7 @@ def folder_images(paths, size, batch):
     """ADM centre crops (repa.center_crop_adm) of image files, in batches of uint8 (B, 3, S, S);
     unreadable files are skipped and named."""
     from tqdm import tqdm
-    with tqdm(total=len(paths), disable=True) as bar:
+    with tqdm(total=len(paths), disable=True) as bar:  # the progress is counted in batches
         for i in range(0, len(paths), batch):
             images, _, failed = repa.read_images(paths[i:i + batch], size, bar)
             for line in failed:
@@ -662,8 +669,6 @@ def image_source(path, size=None):
     batches(start, stop, batch) yields uint8 (B, 3, H, W); a folder is cropped to `size`."""
     if os.path.isdir(path):
         paths = image_paths(path)
-        if not paths:
-            raise repa.UserError(f"no images in {path}")
         return len(paths), lambda start, stop, batch: folder_images(paths[start:stop], size, batch)
     shape = npz_arrays(path)["arr_0"][0]
     return shape[0], lambda start, stop, batch: npz_images(path, start, stop, batch)
@@ -682,9 +687,6 @@ def gather_rows(x):
     parts = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(parts, padded)
     return torch.cat([p[:c] for p, c in zip(parts, counts)])
-
-
-FEATURE_DIMS = (2048, 17 * 17 * SPATIAL_CHANNELS, 1008)  # pool_3, spatial, logits
 
 
 @torch.no_grad()
@@ -716,6 +718,8 @@ def check_evaluation(samples, reference, size=None):
             raise repa.UserError(f"{samples} holds {shape[0]} images; evaluate at least {PR_K + 1}")
         size = shape[1]
     if os.path.isdir(reference):
+        if not image_paths(reference):
+            raise repa.UserError(f"--fid-ref {reference}: no images in this folder")
         return {}
     if not os.path.isfile(reference):
         raise repa.UserError(f"--fid-ref {reference}: no such file or folder")
@@ -753,7 +757,7 @@ def evaluate(samples, reference, inception="", batch=32):
     (check_evaluation) with the FID Inception (`inception`: a weights file, default the cache),
     all ranks extracting features; rank 0 prints them on one line, writes them to
     <samples>-vs-<reference>.json and returns them."""
-    rank, world, device = repa.setup_distributed()
+    rank, _, device = repa.setup_distributed()
     stored = check_evaluation(samples, reference)
     weights = inception_weights(inception)
     if weights is None:

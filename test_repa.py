@@ -1535,6 +1535,7 @@ def test_evaluation_input_errors_are_one_line(tmp_path, capsys):
             (["--evaluate", stats, "--fid-ref", samples], f"{stats} has no images"),
             (["--evaluate", samples, "--fid-ref", small], "the reference images in"),
             (["--evaluate", samples, "--fid-ref", str(tmp_path / "none")], "no such file"),
+            (["--evaluate", samples, "--fid-ref", str(tmp_path)], "no images in this folder"),
             (["--evaluate", str(tmp_path / "text.npz"), "--fid-ref", samples], "cannot read"),
             (["--evaluate", samples], "--evaluate needs --fid-ref"),
             (["--ckpt", "c.pt", "--fid-ref", samples], "--fid-ref evaluates the samples of")]:
