@@ -1171,7 +1171,8 @@ def demo_encoders(device="cpu"):
 # replace Config's defaults unless a flag is given; more small steps beat fewer big ones here.
 DEMO = dict(model="T/4", enc_type=DEMO_ENCODER, projector_dim=256, batch_size=32, max_steps=800,
             lr=1e-3, ema_decay=0.99, log_every=25, ckpt_every=400, latest_every=200,
-            sample_every=200, num_workers=0, exp_name="demo", align_every=100, align_images=256)
+            sample_every=200, num_workers=0, exp_name="demo", align_every=200, align_images=256,
+            analyze_images=2000)
 DEMO_HELDOUT_SEED = 1  # the demo's alignment is measured on shapes of this seed (training's: 0)
 
 
@@ -1839,7 +1840,7 @@ def train(cfg):
             began = time.perf_counter()
             if grids and (run.step == 1 or run.step % cfg.sample_every == 0):
                 grids.write()
-            if aligner and (run.step == 1 or run.step % cfg.align_every == 0):
+            if aligner and run.step % cfg.align_every == 0:
                 log.record(aligner.measure())
             if stop:
                 save_checkpoint(run, "latest.pt") if not cfg.bench else None

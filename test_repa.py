@@ -1492,6 +1492,10 @@ def test_demo_trains_and_both_losses_fall(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "not a pretrained encoder" in out.stdout  # the demo says what it aligns to
     rows = [json.loads(l) for l in open(tmp_path / "demo" / "metrics.jsonl")]
+    every = repa.DEMO["align_every"]  # and its alignment rows (--align-every) in the same file
+    assert [r["step"] for r in rows if "cknna/demo-patchstats/block2" in r] == list(
+        range(every, repa.DEMO["max_steps"] + 1, every))
+    rows = [r for r in rows if "loss" in r]
     first, last = rows[0], rows[-1]
     assert last["step"] == repa.DEMO["max_steps"]
     assert last["loss"] < 0.8 * first["loss"] and last["align"] < first["align"] - 0.05
@@ -1584,6 +1588,11 @@ def test_linear_probe_learns_separable_features_and_nothing_from_shuffled_labels
     y = torch.randint(0, 10, (2000,), generator=g)
     x = 5 + 3 * (means[y] + torch.randn(2000, 64, generator=g))  # BN removes shift and scale
     assert repa.linear_probe(x[:1600], y[:1600], x[1600:], y[1600:], 10) > 0.9
+    # BatchNorm is evaluated with the exact statistics of training, even after 5 steps: a shift
+    # of every feature by 1000 changes nothing (a running average would still be far off)
+    short = [repa.linear_probe(f[:1600], y[:1600], f[1600:], y[1600:], 10, epochs=5)
+             for f in (x, x + 1000)]
+    assert short[0] > 0.5 and short[1] == pytest.approx(short[0], abs=0.01)
     shuffled = y[torch.randperm(2000, generator=g)]
     assert repa.linear_probe(x[:1600], shuffled[:1600], x[1600:], shuffled[1600:], 10) < 0.2
 
@@ -1671,14 +1680,18 @@ def test_mocov3_official_file_loads_strictly(tmp_path):
         repa.load_encoders("mocov3-vit-b")
 
 
-def test_ijepa_official_file_loads(tmp_path):
+@pytest.mark.parametrize("name,arch,layout", [
+    # the official I-JEPA file: the online encoder under `encoder`, DDP's `module.` prefixes
+    ("jepa-vit-h", "vit_huge_patch14_gap_224", lambda sd: {
+        "encoder": {f"module.{k}": v for k, v in sd.items()}, "target_encoder": {}, "epoch": 1}),
+    # MAE's mae_pretrain_vit_large.pth: the encoder under `model`, 224 px positions
+    ("mae-vit-l", "vit_large_patch16_224", lambda sd: {"model": sd})])
+def test_official_files_of_ijepa_and_mae_load(tmp_path, name, arch, layout):
     import timm
     tiny = dict(depth=1, embed_dim=48, num_heads=2)
-    vit = timm.create_model("vit_huge_patch14_gap_224", pretrained=False, num_classes=0, **tiny)
-    # the official I-JEPA file: the online encoder under `encoder`, DDP's `module.` prefixes
-    torch.save({"encoder": {f"module.{k}": v for k, v in vit.state_dict().items()},
-                "target_encoder": {}, "epoch": 300}, tmp_path / "ijepa.pth.tar")
-    (enc,) = repa.load_encoders(f"jepa-vit-h={tmp_path}/ijepa.pth.tar", 256, **tiny)
+    vit = timm.create_model(arch, pretrained=False, num_classes=0, **tiny)
+    torch.save(layout(vit.state_dict()), tmp_path / "official.pth")
+    (enc,) = repa.load_encoders(f"{name}={tmp_path}/official.pth", 256, **tiny)
     x = torch.randint(0, 256, (1, 3, 256, 256), dtype=torch.uint8)
     torch.testing.assert_close(enc.model.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
     assert repa.encode([enc], x)[0].shape == (1, 256, 48)
@@ -1702,6 +1715,27 @@ def test_analyze_runs_end_to_end_on_the_demo_and_training_logs_alignment(tmp_pat
     (enc,) = result["encoders"].values()
     assert all(-1 <= c <= 1 for v in enc["cknna"].values() for c in v) and len(enc["cknna"]) == 2
     assert open(folder / "analysis.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_analyze_on_two_processes_equals_one(tmp_path):
+    import json
+    out = run_repa(*DEMO_FAST, "--max-steps", "1", "--results-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    args = ["--demo", "--analyze", str(tmp_path / "demo"), "--analyze-images", "30",
+            "--analyze-t", "0.25", "--probe-epochs", "5"]
+    one = run_repa(*args, "--results-dir", str(tmp_path / "one"))
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--standalone", os.path.join(HERE, "repa.py"), *args, "--results-dir",
+                          str(tmp_path / "two")], capture_output=True, text=True, timeout=300,
+                         cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == two.returncode == 0, two.stderr[-2000:]
+    a, b = (json.load(open(tmp_path / d / "demo" / "analysis" / "0000001" / "analysis.json"))
+            for d in ("one", "two"))
+    # the gathered features are in the same order: the same numbers (up to batching's rounding)
+    assert a["probe"] == b["probe"] and a["encoders"].keys() == b["encoders"].keys()
+    for name, e in a["encoders"].items():
+        assert e["cknna"]["0.25"] == pytest.approx(b["encoders"][name]["cknna"]["0.25"], abs=1e-3)
 
 
 @pytest.mark.parametrize("flags,message", [
