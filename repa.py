@@ -34,6 +34,8 @@ Commands
   torchrun --nproc_per_node=8 repa.py --model XL/2 --data-dir data/imagenet256   # the paper
   torchrun --nproc_per_node=8 repa.py --model DiT-XL/2 --data-dir data/imagenet256   # DiT + REPA
   python repa.py --bench 30 --model XL/2 --batch-size 64 --compile   # img/s and MFU, no data
+  torchrun --nproc_per_node=8 repa.py --analyze last.pt --data-dir IMAGENET/val \
+      --enc-type dinov2-vit-g                # fig. 2: CKNNA and linear probes per block and t
   python sample.py --ckpt results/demo                                # a grid of samples
   torchrun --nproc_per_node=8 sample.py --ckpt results/repa --num-fid-samples 50000  # FID .npz
 
@@ -41,12 +43,13 @@ Map of this file
 ----------------
   I   The method     interpolant and t; DiT's DDPM schedule; SiT and DiT (embeddings, block,
                      projector, size table, loading); the loss (eqs. 3, 8, 9, and DiT's hybrid
-                     loss); the frozen encoders. Depends on torch, numpy and timm only:
-                     a reader who stops here has the whole method and can paste it.
+                     loss); the frozen encoders; measuring alignment (CKNNA, linear probes).
+                     Depends on torch, numpy and timm only: a reader who stops here has the whole
+                     method and can paste it.
   II  Data           processes and files; the SD-VAE; ImageNet -> shards; the reader and its
                      resumable order; the demo's data and alignment target.
   III Training       the config and its checks; EMA, checkpoints, signals; one step; the loop;
-                     the command line. Only `main` looks forward.
+                     --analyze; the command line. Only `main` looks forward.
 """
 import argparse
 import contextlib
@@ -87,7 +90,7 @@ class UserError(Exception):
 
 #################################################################################################
 #                                                                                               #
-#   PART I. THE METHOD: interpolant, SiT with projectors, the REPA loss, the frozen encoders    #
+#   PART I. THE METHOD: interpolant, SiT, the REPA loss, the encoders, measuring alignment      #
 #                                                                                               #
 #################################################################################################
 
@@ -336,7 +339,9 @@ class SiT(nn.Module):
 
     forward(x, t, y) -> (out, zs): out is v (x's shape), or for DiT eps and the variance value v
     (2C channels); zs[k] is (B, tokens, z_dims[k]). t is a float in [0, 1] for SiT, an integer
-    timestep 0 .. 999 for DiT."""
+    timestep 0 .. 999 for DiT.
+    forward(x, t, y, return_hidden=True) -> (out, zs, hidden): hidden[i] is the state after block
+    i + 1, (B, tokens, hidden_size), for measuring alignment (fig. 2)."""
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
                  num_heads=16, mlp_ratio=4.0, class_dropout_prob=CLASS_DROPOUT,
@@ -387,15 +392,17 @@ class SiT(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x, t, y):
+    def forward(self, x, t, y, return_hidden=False):
         x = self.x_embedder(x) + self.pos_embed     # (B, T, D), T = (H / p) * (W / p)
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D), the condition of every block
-        zs = []
+        zs, hidden = [], []  # zs stays empty without projectors (a plain DiT)
         for i, block in enumerate(self.blocks, start=1):
             x = block(x, c)
+            hidden += [x] if return_hidden else []
             if i == self.encoder_depth:  # h_t of eq. (8): read it mid-network, token by token
                 zs = [proj(x) for proj in self.projectors]
-        return self.unpatchify(self.final_layer(x, c)), zs
+        out = self.unpatchify(self.final_layer(x, c)), zs
+        return (*out, hidden) if return_hidden else out
 
 
 def DiT(learn_sigma=True, z_dims=(), **kwargs):
@@ -563,35 +570,89 @@ def total_loss(denoising, align, proj_coeff=0.5):
 #################################################################################
 # An encoder entry is "family-vit-size", as in the official --enc-type, optionally with
 # "=/path/to/weights" for a local file. Weights otherwise come from timm (the Hugging Face cache,
-# downloaded on first use where there is internet). timm's DINOv2 weights are the same tensors as
-# the torch.hub ones the official code uses.
+# downloaded on first use where there is internet). Every family below is a timm ViT whose
+# weights are the very tensors the official code loads (checked against its classes).
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-_VIT = {"s": "small", "b": "base", "l": "large", "g": "giant"}
-# family -> (timm architecture for a size letter, input pixels at 256 px, mean, std, sizes)
+_VIT = {"s": "small", "b": "base", "l": "large", "g": "giant", "h": "huge"}
+
+
+def mocov3_state_dict(ckpt):
+    """The official MoCo v3 file (`ckpt['state_dict']`, keys `module.base_encoder.*`) -> timm ViT
+    keys, as REPA's fix_mocov3_state_dict: keep the base encoder; fix the misnamed norms and MLPs
+    of blocks 13 and 14 in the ViT-L file; drop the projection head. The 14 x 14 position
+    embedding is resampled to the model's grid by timm's loader afterwards, as the official does."""
+    prefix, fixes = "module.base_encoder.", {
+        "blocks.13.norm13": "blocks.13.norm1", "blocks.13.mlp.fc13": "blocks.13.mlp.fc1",
+        "blocks.14.norm14": "blocks.14.norm2", "blocks.14.mlp.fc14": "blocks.14.mlp.fc2"}
+    out = {}
+    for key, value in ckpt["state_dict"].items():
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+            for wrong, right in fixes.items():
+                key = key.replace(wrong, right)
+            if "head" not in key and key.split(".")[0] != "fc":
+                out[key] = value
+    return out
+
+
+@dataclass(frozen=True)
+class EncoderFamily:
+    """How the official code builds one --enc-type family, as a timm model."""
+    timm: str               # timm name; "{}" becomes the size word (small, base, large, ...)
+    sizes: str              # size letters of --enc-type: s b l g h
+    pixels: int             # input side for 256 px images (x2 at 512 px): a 16 x 16 patch grid
+    mean: tuple             # per-channel normalisation after x / 255
+    std: tuple
+    final_norm: bool = True  # the patch tokens after the final norm; False: the last block's
+    local: bool = False     # the official reads a local file and timm has no weights: NAME=PATH
+    convert: object = None  # that file's layout -> timm keys, where timm cannot read it itself
+    kwargs: tuple = ()      # (size letter, timm kwargs) where one size differs from timm's model
+
+
 ENCODER_FAMILIES = {
-    # the official choice: 224 px input, i.e. a 16 x 16 grid of patch-14 tokens for 256 SiT tokens
-    "dinov2": (lambda s: f"vit_{_VIT[s]}_patch14_dinov2.lvd142m", 224, IMAGENET_MEAN, IMAGENET_STD,
-               "sblg"),
-    "dinov2reg": (lambda s: f"vit_{_VIT[s]}_patch14_reg4_dinov2.lvd142m", 224,
-                  IMAGENET_MEAN, IMAGENET_STD, "sblg"),
-    # DINOv3 has patch 16 and rotary positions: 256 px gives the 16 x 16 grid with no resize
-    "dinov3": (lambda s: f"vit_{_VIT[s]}_patch16_dinov3.lvd1689m", 256,
-               IMAGENET_MEAN, IMAGENET_STD, "sbl"),
-    "clip": (lambda s: "vit_large_patch14_clip_224.openai", 224, CLIP_MEAN, CLIP_STD, "l"),
+    # the official default: 224 px, a 16 x 16 grid of patch-14 tokens for 256 SiT tokens; the
+    # features are DINOv2's x_norm_patchtokens (final norm, CLS and registers dropped)
+    "dinov2": EncoderFamily("vit_{}_patch14_dinov2.lvd142m", "sblg", 224, IMAGENET_MEAN,
+                            IMAGENET_STD),
+    "dinov2reg": EncoderFamily("vit_{}_patch14_reg4_dinov2.lvd142m", "sblg", 224, IMAGENET_MEAN,
+                               IMAGENET_STD),
+    # DINOv3 (not in the paper): patch 16 and rotary positions, so 256 px with no resize
+    "dinov3": EncoderFamily("vit_{}_patch16_dinov3.lvd1689m", "sbl", 256, IMAGENET_MEAN,
+                            IMAGENET_STD),
+    # the official takes the transformer's output before ln_post and the projection, and the
+    # original QuickGELU (timm's plain CLIP-L uses GELU: a different network on these weights)
+    "clip": EncoderFamily("vit_large_patch14_clip_quickgelu_224.openai", "l", 224, CLIP_MEAN,
+                          CLIP_STD, final_norm=False),
+    # MAE at 256 px (16 x 16 patches of 16): the official forward stops after the last block
+    # and never applies the final norm
+    "mae": EncoderFamily("vit_large_patch16_224.mae", "l", 256, IMAGENET_MEAN, IMAGENET_STD,
+                         final_norm=False),
+    # DINOv1 at 256 px; the official file models/dinov1.py is missing from its repository, so
+    # which tokens it returned cannot be read: we take the normed patch tokens, as for MoCo v3
+    "dinov1": EncoderFamily("vit_base_patch16_224.dino", "b", 256, IMAGENET_MEAN, IMAGENET_STD),
+    # MoCo v3: no timm weights; the official checkpoint file, whose ViT-S has 12 heads (timm's 6)
+    "mocov3": EncoderFamily("vit_{}_patch16_224", "sbl", 256, IMAGENET_MEAN, IMAGENET_STD,
+                            local=True, convert=mocov3_state_dict,
+                            kwargs=(("s", {"num_heads": 12}),)),
+    # I-JEPA ViT-H/14: no CLS token, all 256 tokens after the final norm; timm reads the
+    # official file (its online `encoder`, `module.` prefixes) as it is
+    "jepa": EncoderFamily("vit_huge_patch14_gap_224.in1k_ijepa", "h", 224, IMAGENET_MEAN,
+                          IMAGENET_STD, local=True),
 }
 
 
 @dataclass
 class Encoder:
     name: str           # e.g. "dinov2-vit-b"
-    model: nn.Module    # frozen, in eval mode; forward_features(x) -> (B, prefix + tokens, dim)
+    model: nn.Module    # frozen, in eval mode
     size: int           # input pixels: images are resized to size x size
     patch: int          # pixels per patch side
     mean: torch.Tensor  # (1, 3, 1, 1) on the encoder's device: no host-to-device copy per step
     std: torch.Tensor
     dim: int            # feature width D_k
     prefix: int         # leading tokens to drop (CLS, registers)
+    final_norm: bool = True  # features after the final norm (forward_features) or before it
 
     @property
     def tokens(self):
@@ -604,8 +665,9 @@ def parse_encoder(entry):
     one clear error for a name we do not know. It loads nothing, so flags can be checked first."""
     name, _, path = entry.strip().partition("=")
     family, arch, size = (name.lower().split("-") + ["", "", ""])[:3]
-    if family not in ENCODER_FAMILIES or arch != "vit" or size not in ENCODER_FAMILIES[family][4]:
-        names = [f"{f}-vit-{s}" for f, spec in ENCODER_FAMILIES.items() for s in spec[4]]
+    known = family in ENCODER_FAMILIES and size in ENCODER_FAMILIES[family].sizes
+    if not known or arch != "vit":
+        names = [f"{f}-vit-{s}" for f, spec in ENCODER_FAMILIES.items() for s in spec.sizes]
         raise UserError(f"unknown encoder {name!r}: choose from {', '.join(names)}")
     return name, family, size, path
 
@@ -638,11 +700,38 @@ def _channels(mean, std, device):
     return [torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (mean, std)]
 
 
+def _weights_source(name, family, timm_name, path):
+    """timm's pretrained_cfg_overlay for an encoder's weights: the local file, its converted
+    state dict, or the Hugging Face cache; one clear error when there are none."""
+    import timm
+    if not path and family.local:
+        raise UserError(f"encoder {name} has no timm weights: the official code reads its "
+                        f"original checkpoint file from disk; pass that file as {name}=PATH")
+    if not path:
+        path = _hub_weights(timm.models.get_pretrained_cfg(timm_name).hf_hub_id)
+        if not path:
+            raise UserError(
+                f"cannot load encoder {name}: its weights ({timm_name}) are not in the Hugging "
+                f"Face cache and cannot be downloaded here; on a machine with internet run "
+                f"python -c \"import timm; timm.create_model('{timm_name}', pretrained=True)\" "
+                f"and copy ~/.cache/huggingface, or pass a file: {name}=PATH")
+    if not os.path.isfile(path):
+        raise UserError(f"cannot load encoder {name}: weight file {path} not found")
+    if family.convert is None:
+        return dict(file=path)
+    try:
+        return dict(state_dict=family.convert(torch.load(path, map_location="cpu",
+                                                         weights_only=True)))
+    except Exception as e:
+        raise UserError(f"cannot load encoder {name} from {path}: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else 'not its layout'}") from None
+
+
 def load_encoders(spec="dinov2-vit-b", resolution=256, device="cpu", **timm_kwargs):
     """Frozen encoders for a comma-separated spec such as "dinov2-vit-b,clip-vit-l".
 
-    Each entry may end in "=PATH" to read the weights from a local file (timm or original
-    layout). `timm_kwargs` go to timm.create_model (the tests pass pretrained=False and tiny
+    Each entry may end in "=PATH" to read the weights from a local file (timm's layout or the
+    original one). `timm_kwargs` go to timm.create_model (the tests pass pretrained=False and tiny
     widths to build the same classes with random weights)."""
     import timm
     if resolution not in (256, 512):
@@ -650,31 +739,24 @@ def load_encoders(spec="dinov2-vit-b", resolution=256, device="cpu", **timm_kwar
     encoders = []
     for entry in spec.split(","):
         name, family, size, path = parse_encoder(entry)
-        timm_name, pixels, mean, std, _ = ENCODER_FAMILIES[family]
-        timm_name = timm_name(size)
-        pixels *= resolution // 256  # 512 px images: 448 px input, a 32 x 32 grid (1024 tokens)
-        kwargs = {"pretrained": True, "img_size": pixels, "num_classes": 0, **timm_kwargs}
+        fam = ENCODER_FAMILIES[family]
+        timm_name = fam.timm.format(_VIT[size])
+        pixels = fam.pixels * (resolution // 256)  # 512 px: a 32 x 32 grid (1024 tokens)
+        kwargs = {"pretrained": True, "img_size": pixels, "num_classes": 0,
+                  **dict(fam.kwargs).get(size, {}), **timm_kwargs}
         if kwargs["pretrained"]:
-            path = path or _hub_weights(timm.models.get_pretrained_cfg(timm_name).hf_hub_id)
-            if not path or not os.path.isfile(path):
-                raise UserError(
-                    f"cannot load encoder {name}: " + (f"weight file {path} not found" if path else
-                    f"its weights ({timm_name}) are not in the Hugging Face cache and cannot be "
-                    f"downloaded here; on a machine with internet run python -c \"import timm; "
-                    f"timm.create_model('{timm_name}', pretrained=True)\" and copy "
-                    f"~/.cache/huggingface, or pass a file: {name}=PATH"))
-            kwargs["pretrained_cfg_overlay"] = dict(file=path)
+            kwargs["pretrained_cfg_overlay"] = _weights_source(name, fam, timm_name, path)
         try:
             # timm resamples the stored position embedding to the new grid (bicubic, antialiased),
-            # exactly as the official code does after loading from torch.hub
+            # exactly as the official code does after loading, and loads strictly
             model = timm.create_model(timm_name, **kwargs)
         except Exception as e:  # a corrupt file, or weights of another architecture
-            raise UserError(f"cannot load encoder {name} from {path}: "
+            raise UserError(f"cannot load encoder {name} from {path or 'the cache'}: "
                             f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
         model = model.to(device).eval().requires_grad_(False)
         encoders.append(Encoder(name, model, pixels, model.patch_embed.patch_size[0],
-                                *_channels(mean, std, device), model.embed_dim,
-                                model.num_prefix_tokens))
+                                *_channels(fam.mean, fam.std, device), model.embed_dim,
+                                model.num_prefix_tokens, fam.final_norm))
     return encoders
 
 
@@ -684,15 +766,146 @@ def encode(encoders, images):
 
     Preprocessing as in the official code: x / 255, normalise, bicubic resize. (The official
     resizes CLIP's input before normalising; the order does not matter, since bicubic weights sum
-    to 1 and the normalisation is affine per channel.) The features are the final-norm patch
-    tokens, with the CLS and register tokens dropped (DINOv2's x_norm_patchtokens)."""
+    to 1 and the normalisation is affine per channel.) The features are the patch tokens, with
+    the CLS and register tokens dropped: after the final norm (DINOv2's x_norm_patchtokens), or
+    the last block's output where the official skips that norm (MAE, CLIP)."""
     out = []
     for enc in encoders:
         x = (images.float() / 255 - enc.mean) / enc.std
         if x.shape[-1] != enc.size:
             x = F.interpolate(x, size=(enc.size, enc.size), mode="bicubic")
-        out.append(enc.model.forward_features(x)[:, enc.prefix:])
+        if enc.final_norm:
+            out.append(enc.model.forward_features(x)[:, enc.prefix:])
+        else:  # timm drops the prefix tokens of intermediates itself
+            out.append(enc.model.forward_intermediates(x, indices=1, norm=False, output_fmt="NLC",
+                                                       intermediates_only=True)[-1])
     return out
+
+
+#################################################################################
+#          Measuring alignment: CKNNA, mutual k-NN, linear probes (fig. 2)       #
+#################################################################################
+# The paper's sec. 3 measures the gap between a SiT's hidden states and a pretrained encoder's
+# representation in two ways: CKNNA (Huh et al. 2024, "The Platonic Representation Hypothesis"),
+# a kernel alignment restricted to each sample's nearest neighbours, and linear probing. The
+# definitions are those of the PRH code (minyoungg/platonic-rep, metrics.py), whose numbers the
+# tests reproduce. As in the PRH pipeline (measure_alignment.compute_score), the caller
+# L2-normalises every feature vector first (F.normalize(x, dim=-1)); these functions do not, so
+# that they give the PRH numbers for whatever they are given.
+CKNNA_EPS = 1e-6  # the PRH code adds it to CKNNA's denominator
+
+
+def knn_mask(kernel, topk):
+    """(N, N) 0/1 mask of each row's `topk` largest entries of a similarity matrix, the diagonal
+    excluded: row i marks i's k nearest neighbours. j may be i's neighbour without i being j's,
+    so the mask is not symmetric. (The PRH mutual_knn sets the diagonal to -1e8 rather than
+    -inf and ranks with argsort: the same, unless a similarity lies below -1e8 or two tie.)"""
+    ranked = kernel.clone().fill_diagonal_(float("-inf"))
+    return torch.zeros_like(kernel).scatter_(1, ranked.topk(topk, dim=1).indices, 1)
+
+
+def hsic_unbiased(K, L):
+    """The unbiased HSIC estimator (Song et al. 2012, eq. 5) of two (N, N) kernels. With K~, L~
+    the kernels with zeroed diagonals:
+        HSIC = [tr(K~ L~) + (1'K~1)(1'L~1) / ((N-1)(N-2)) - 2/(N-2) 1'K~L~1] / (N(N-3)).
+    tr(K~ L~) = sum(K~ * L~^T) and 1'K~L~1 = (1'K~)(L~1): no N^3 matrix product. The masked
+    kernels of CKNNA are not symmetric, so the transpose matters."""
+    n = K.shape[0]
+    K, L = K.clone().fill_diagonal_(0), L.clone().fill_diagonal_(0)
+    return ((K * L.T).sum() + K.sum() * L.sum() / ((n - 1) * (n - 2))
+            - 2 * (K.sum(0) @ L.sum(1)) / (n - 2)) / (n * (n - 3))
+
+
+def cknna(a, b, topk=10):
+    """CKNNA between features a (N, D_a) and b (N, D_b) of the same N samples (a float).
+
+    CKA with linear kernels K = a a^T and L = b b^T, each kept only on the pairs (i, j) where j
+    is among i's k nearest neighbours in BOTH spaces (M = M_a * M_b, self excluded):
+        CKNNA = HSIC(M K, M L) / (sqrt(HSIC(M_a K, M_a K) HSIC(M_b L, M_b L)) + 1e-6),
+    each self-term with its own space's neighbours, HSIC unbiased. It is near 0 for unrelated
+    features, and HSIC / (HSIC + 1e-6) for a rotated copy: the 1e-6 of the PRH code is visible
+    when HSIC is small (L2-normalised features, few samples). Memory: a few (N, N) matrices,
+    400 MB each for N = 10,000 in float32."""
+    if not 2 <= topk < a.shape[0]:
+        raise UserError(f"CKNNA needs 2 <= topk < N, got topk {topk} for N = {a.shape[0]}")
+    K, L = a @ a.T, b @ b.T
+    mask_a, mask_b = knn_mask(K, topk), knn_mask(L, topk)
+    both = mask_a * mask_b
+    kl = hsic_unbiased(both * K, both * L)
+    kk, ll = hsic_unbiased(mask_a * K, mask_a * K), hsic_unbiased(mask_b * L, mask_b * L)
+    return (kl / (torch.sqrt(kk * ll) + CKNNA_EPS)).item()
+
+
+def mutual_knn(a, b, topk=10):
+    """Mutual k-NN between features a (N, D_a) and b (N, D_b): the mean over samples i of
+    |kNN_a(i) & kNN_b(i)| / k, self excluded (the PRH metric that CKNNA refines)."""
+    return ((knn_mask(a @ a.T, topk) * knn_mask(b @ b.T, topk)).sum(1) / topk).mean().item()
+
+
+def linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=90, batch_size=16384,
+                 lr=1e-3, seed=0):
+    """Top-1 accuracy on (test_x, test_y) of a linear classifier trained on frozen features
+    (N, D) with labels (N,): the DAE / MAE linear probe that the paper cites. A BatchNorm without
+    affine parameters (it standardises the features, so their scale does not matter), then a
+    Linear layer from N(0, 0.01^2) with zero bias; cross-entropy; Adam with the learning rate
+    decaying from `lr` to 0 on a half cosine, per iteration; large batches (at most N).
+    BatchNorm keeps the exact average of its batch statistics (momentum None), not a running
+    one, so that a short probe is evaluated with well-estimated statistics."""
+    g = torch.Generator().manual_seed(seed)
+    n, dim = train_x.shape
+    batch = min(batch_size, n)
+    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6, momentum=None),
+                         nn.Linear(dim, num_classes)).to(train_x.device)
+    with torch.no_grad():
+        head[1].weight.copy_(torch.randn(num_classes, dim, generator=g) * 0.01)
+        head[1].bias.zero_()
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    total = epochs * (n // batch)
+    cosine = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
+    with torch.enable_grad():
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=g).to(train_x.device)
+            for i in range(n // batch):  # the last partial batch is dropped, as in MAE
+                rows = order[i * batch:(i + 1) * batch]
+                loss = F.cross_entropy(head(train_x[rows].float()), train_y[rows])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                cosine.step()
+    head.eval()
+    with torch.no_grad():
+        return (head(test_x.float()).argmax(1) == test_y).float().mean().item()
+
+
+def noised(model, x, t, noise, path_type="linear"):
+    """(x_t, the model's time input) for clean latents x at times t (B,) in [0, 1], t = 0 data:
+    the state the model sees at that noise level. SiT: eq. (1), and t itself. This is the one
+    place a model with another noise schedule plugs in: a model with a method `noised(x, t,
+    noise)` is asked instead (a DiT: x_t at timestep min(int(1000 t), 999) of its DDPM schedule,
+    sqrt(abar) x + sqrt(1 - abar) eps, and that integer timestep as its input)."""
+    if hasattr(model, "noised"):
+        return model.noised(x, t, noise)
+    alpha, sigma, _, _ = interpolant(t.to(x.dtype).view(-1, 1, 1, 1), path_type)
+    return alpha * x + sigma * noise, t.to(x.dtype)
+
+
+def null_labels(model, n, device):
+    """Labels that say nothing about the image, so that probed features do not see its class
+    (official issue #32): the null label where the model has one (trained with label dropout),
+    else label 0 for every image, a constant shift of the condition."""
+    has_null = model.y_embedder.embedding_table.num_embeddings > model.num_classes
+    return torch.full((n,), model.num_classes if has_null else 0, device=device)
+
+
+@torch.no_grad()
+def block_features(model, x, t, noise, path_type="linear"):
+    """The hidden state after every block, averaged over tokens (as the paper's appendix does for
+    CKNNA): (B, depth, D) in float32, for clean latents x (B, C, H, W) noised to times t (B,),
+    with no class label."""
+    x_t, t_in = noised(model, x, t, noise, path_type)
+    hidden = model(x_t, t_in, null_labels(model, len(x), x.device), return_hidden=True)[-1]
+    return torch.stack([h.float().mean(1) for h in hidden], dim=1)
 
 
 #################################################################################################
@@ -965,6 +1178,31 @@ class RandomData(torch.utils.data.Dataset):
                 torch.randn(b, 8, latent, latent).abs_(), torch.randint(0, self.num_classes, (b,)))
 
 
+class ImageFolderData(torch.utils.data.Dataset):
+    """An ImageNet-style folder read on the fly, for --analyze: it reads each image once, so
+    shards would not pay. ADM crop and SD-VAE moments per batch, in this process (on its GPU)."""
+    latent_scale = LATENT_SCALE
+
+    def __init__(self, src, resolution, vae_name, device):
+        paths, labels, classes = list_image_folder(src)
+        self.paths, self.labels, self.num_classes = paths, np.asarray(labels), len(classes)
+        self.resolution, self.device = resolution, device
+        self.vae = load_vae(vae_name, device)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitems__(self, indices):
+        from tqdm import tqdm
+        images, _, failed = read_images([self.paths[i] for i in indices], self.resolution,
+                                        tqdm(disable=True))
+        if failed:  # a measurement over other images than asked for would mislead
+            raise UserError(f"cannot read {failed[0]}")
+        moments = vae_moments(self.vae, images, len(images), self.device)
+        return (torch.from_numpy(images), torch.from_numpy(moments),
+                torch.from_numpy(self.labels[np.asarray(indices)]))
+
+
 class ResumableBatches(torch.utils.data.Sampler):
     """An endless, seeded stream of this rank's micro-batches that can start anywhere.
 
@@ -1093,7 +1331,9 @@ def demo_encoders(device="cpu"):
 # replace Config's defaults unless a flag is given; more small steps beat fewer big ones here.
 DEMO = dict(model="T/4", enc_type=DEMO_ENCODER, projector_dim=256, batch_size=32, max_steps=800,
             lr=1e-3, ema_decay=0.99, log_every=25, ckpt_every=400, latest_every=200,
-            sample_every=200, num_workers=0, exp_name="demo")
+            sample_every=200, num_workers=0, exp_name="demo", align_every=200, align_images=256,
+            analyze_images=2000)
+DEMO_HELDOUT_SEED = 1  # the demo's alignment is measured on shapes of this seed (training's: 0)
 
 
 #################################################################################################
@@ -1152,20 +1392,46 @@ class Config:
     latest_every: int = 2_000   # latest.pt, overwritten: what a crash loses at most
     sample_every: int = 10_000  # a grid from the EMA with fixed noise (and at step 1); 0 = never
     wandb: str = ""             # also log to this Weights & Biases project (metrics.jsonl stays)
+    align_every: int = 10_000   # steps between CKNNA logs of the EMA on a fixed batch; 0 = never
+    align_images: int = 1024    # images in that fixed batch
+    # measuring alignment (--analyze): the paper's fig. 2 for a checkpoint
+    analyze: str = ""           # checkpoint or run folder: CKNNA and linear probes per block and t
+    analyze_images: int = 10_000  # images measured (the paper: 10,000 of ImageNet val)
+    analyze_t: str = "0,0.25,0.5,0.75"  # noise levels, comma-separated (t = 0 is data)
+    knn: int = 10               # k, the nearest neighbours of CKNNA (the paper's 10)
+    probe_epochs: int = 90      # linear probe: epochs over the probe's images (MAE's 90)
+    probe_batch: int = 16384    # linear probe: batch size (MAE's; at most the probe's images)
+    probe_lr: float = 1e-3      # linear probe: Adam's lr, cosine-decayed to 0
+    probe_holdout: float = 0.2  # fraction of the --analyze images the probe is tested on
 
 
 # What each numeric flag may be: checked before any slow or I/O work, one line per problem
 LIMITS = {
     **{k: (lambda v: v >= 1, "at least 1") for k in (
         "batch_size", "grad_accum", "max_steps", "log_every", "ckpt_every", "latest_every",
-        "shard_size", "projector_dim")},
+        "shard_size", "projector_dim", "probe_epochs", "probe_batch")},
     **{k: (lambda v: v >= 0, "at least 0") for k in (
         "bench", "bench_data", "encoder_depth", "num_workers", "seed", "sample_every",
-        "weight_decay", "proj_coeff")},
-    **{k: (lambda v: v > 0, "positive") for k in ("lr", "adam_eps", "max_grad_norm")},
+        "weight_decay", "proj_coeff", "align_every")},
+    **{k: (lambda v: v > 0, "positive") for k in ("lr", "adam_eps", "max_grad_norm", "probe_lr")},
     **{k: (lambda v: 0 <= v < 1, "in [0, 1)") for k in ("adam_beta1", "adam_beta2", "cfg_prob")},
     "ema_decay": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "knn": (lambda v: v >= 2, "at least 2"),
+    "probe_holdout": (lambda v: 0 < v < 1, "in (0, 1)"),
 }
+ANALYSIS_ONLY = ("analyze", "analyze_images", "analyze_t", "probe_epochs", "probe_batch",
+                 "probe_lr", "probe_holdout")
+
+
+def parse_times(text):
+    """'0,0.25,0.5' -> [0.0, 0.25, 0.5]: the noise levels of --analyze, each in [0, 1]."""
+    try:
+        ts = [float(v) for v in text.split(",")]
+    except ValueError:
+        ts = []
+    if not ts or not all(0 <= t <= 1 for t in ts):
+        raise UserError(f"--analyze-t must be comma-separated times in [0, 1], got {text!r}")
+    return ts
 CHOICES = dict(path_type=PATH_TYPES, weighting=WEIGHTINGS, precision=("auto", "bf16", "fp32"))
 DEMO_ONLY = ("data_dir", "resolution", "vae", "enc_type")  # the demo has its own data and target
 
@@ -1180,6 +1446,17 @@ def check_config(cfg, world=1):
         if getattr(cfg, name) not in allowed:
             raise UserError(f"--{name.replace('_', '-')} must be one of "
                             f"{', '.join(map(str, allowed))}, got {getattr(cfg, name)!r}")
+    # CKNNA ranks k neighbours besides the image itself, and its unbiased HSIC needs N > 3
+    used = ["analyze_images"] if cfg.analyze else ["align_images"] if cfg.align_every else []
+    for name in used:
+        if getattr(cfg, name) <= cfg.knn + 3:
+            raise UserError(f"--{name.replace('_', '-')} must be more than --knn + 3 = "
+                            f"{cfg.knn + 3}, got {getattr(cfg, name)}")
+    if cfg.analyze:  # the model comes from the checkpoint: only the measurement is checked
+        parse_times(cfg.analyze_t)
+        for entry in [] if cfg.demo else cfg.enc_type.split(","):
+            parse_encoder(entry)
+        return
     if cfg.prepare or cfg.bench_data:  # neither trains: only the image size matters
         if cfg.resolution < VAE_DOWNSAMPLE or cfg.resolution % VAE_DOWNSAMPLE:
             raise UserError(f"--resolution must be a multiple of {VAE_DOWNSAMPLE} (the SD-VAE's "
@@ -1576,6 +1853,16 @@ class Logger:
             import wandb
             self.wandb.log({"samples": wandb.Image(path)}, step=self.run.step)
 
+    def record(self, row):
+        """One more row at this step, outside the interval's statistics (the alignment)."""
+        row = dict(step=self.run.step, **row)
+        self.bar.write(" ".join(f"{k} {v}" for k, v in row.items()))
+        if self.file:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        if self.wandb:
+            self.wandb.log(row, step=self.run.step)
+
     def close(self):
         self.bar.close()
         if self.file:
@@ -1621,6 +1908,52 @@ class Grids:
         return path
 
 
+def clean_latents(moments, dataset):
+    """x_* for measuring: the VAE posterior mean, scaled, rather than a sample of the posterior
+    (as training draws), so that the measurement depends on the image only."""
+    return moments.chunk(2, dim=1)[0] * dataset.latent_scale
+
+
+ALIGN_T = 0.5  # the noise level of --align-every's CKNNA: mid-path, where the loss is applied too
+
+
+class AlignmentLog:
+    """--align-every: CKNNA (k = --knn) between the EMA's hidden states and each encoder's
+    features on one fixed batch (the same images and noise all run, t = 0.5), at block
+    encoder_depth (the aligned one) and at the last block: rows of metrics.jsonl that show a run's
+    alignment rising. The encoders' features are computed once; a measurement is one forward pass
+    of the EMA over the batch, on rank 0, where the grids are drawn, outside the step."""
+
+    def __init__(self, run):
+        cfg, self.run = run.cfg, run
+        # the demo measures on shapes it never trains on; a real run on fixed training images
+        data = DemoDataset(cfg.align_images, seed=DEMO_HELDOUT_SEED) if cfg.demo else run.dataset
+        g = torch.Generator().manual_seed(cfg.seed)
+        rows = torch.randperm(len(data), generator=g)[:cfg.align_images].sort().values.numpy()
+        images, moments, _ = data.__getitems__(rows)
+        self.x = clean_latents(moments, data).to(run.device)
+        self.noise = torch.randn(self.x.shape, generator=g).to(run.device)
+        self.chunk = max(1, cfg.batch_size // run.world)  # what a training step holds in memory
+        self.autocast = torch.autocast(run.device.type, dtype=torch.bfloat16,
+                                       enabled=run.precision == "bf16")
+        with self.autocast:
+            feats = [encode(run.encoders, im.to(run.device)) for im in images.split(self.chunk)]
+        self.targets = [F.normalize(torch.cat(f).float().mean(1), dim=-1) for f in zip(*feats)]
+        self.blocks = sorted({run.model.encoder_depth, len(run.model.blocks)})
+
+    @torch.no_grad()
+    def measure(self):
+        run = self.run
+        with self.autocast:
+            feats = torch.cat([block_features(
+                run.ema, x, torch.full((len(x),), ALIGN_T, device=x.device), eps,
+                run.cfg.path_type) for x, eps in zip(self.x.split(self.chunk),
+                                                     self.noise.split(self.chunk))])
+        feats = F.normalize(feats, dim=-1)
+        return {f"cknna/{enc.name}/block{b}": round(cknna(feats[:, b - 1], z, run.cfg.knn), 4)
+                for enc, z in zip(run.encoders, self.targets) for b in self.blocks}
+
+
 #################################################################################
 #                                  The loop                                     #
 #################################################################################
@@ -1628,7 +1961,7 @@ class Grids:
 def describe(run):
     """What runs, as it runs: the config without the fields this run does not use, the model,
     the data and the target."""
-    cfg, unused = run.cfg, {"prepare", "shard_size", "bench_data", "vae"}
+    cfg, unused = run.cfg, {"prepare", "shard_size", "bench_data", "vae", *ANALYSIS_ONLY}
     unused |= set(DEMO_ONLY) - {"enc_type"} if cfg.demo else set()
     unused |= {"path_type", "weighting"} if run.model.learn_sigma else set()  # SiT's only
     shown = {k: v for k, v in asdict(cfg).items() if k not in unused}
@@ -1674,6 +2007,7 @@ def train(cfg):
     print0(describe(run) + (f"\nresumed from {path} at step {run.step}" if path else ""))
     data = iter(loader(run.dataset, run.sampler, cfg.num_workers))
     grids = Grids(run) if run.rank == 0 and cfg.sample_every and not cfg.bench else None
+    aligner = AlignmentLog(run) if run.rank == 0 and cfg.align_every and not cfg.bench else None
     log = Logger(run)
     run.model.train()
     with StopSignal() as stop:
@@ -1689,6 +2023,8 @@ def train(cfg):
             began = time.perf_counter()
             if grids and (run.step == 1 or run.step % cfg.sample_every == 0):
                 log.image(grids.write())
+            if aligner and run.step % cfg.align_every == 0:
+                log.record(aligner.measure())
             if stop:
                 if not cfg.bench:
                     save_checkpoint(run, "latest.pt")
@@ -1707,6 +2043,167 @@ def train(cfg):
                (f", grids in {os.path.join(run.dir, 'samples')}" if grids else "") +
                f". Sample with: python sample.py --ckpt {run.dir}")
     return run
+
+
+#################################################################################
+#              Measuring a checkpoint: --analyze (the paper's fig. 2)            #
+#################################################################################
+
+def analysis_images(cfg, info, device):
+    """(dataset, sorted indices) of the images to measure: the demo's (drawn with a seed it never
+    trains on), prepared shards, or an ImageNet-style folder read on the fly; a seeded random
+    choice of --analyze-images of them."""
+    if cfg.demo != info["pixel_space"]:
+        raise UserError(f"{info['path']} is " + ("a latent model: drop --demo" if cfg.demo else
+                        "a pixel-space (demo) model: add --demo"))
+    if cfg.demo:
+        data = DemoDataset(cfg.analyze_images, seed=DEMO_HELDOUT_SEED)
+    elif os.path.isfile(os.path.join(cfg.data_dir, "manifest.json")):
+        data = ShardDataset(cfg.data_dir)
+    else:
+        data = ImageFolderData(cfg.data_dir, info["resolution"], cfg.vae, device)
+    if data.resolution != info["resolution"]:
+        raise UserError(f"{cfg.data_dir} holds {data.resolution} px images, the checkpoint is "
+                        f"for {info['resolution']} px")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed))
+    return data, order[:cfg.analyze_images].sort().values.numpy()
+
+
+def gather_rows(x, n, world, device):
+    """Rank r holds rows r, r + world, r + 2 world, ... of n: all n rows, in order, on rank 0
+    (on the CPU; None on the others). Padded to equal shares, as gather needs equal shapes."""
+    if world == 1:
+        return x
+    rank, share = dist.get_rank(), -(-n // world)
+    padded = torch.zeros((share,) + x.shape[1:], dtype=x.dtype, device=device)
+    padded[:len(x)] = x.to(device)
+    parts = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
+    dist.gather(padded, parts, dst=0)
+    return torch.stack(parts, dim=1).flatten(0, 1)[:n].cpu() if rank == 0 else None
+
+
+@torch.no_grad()
+def extract_features(model, encoders, data, rows, ts, cfg, info, device):
+    """Each rank takes every world-th image; then rank 0 holds, in order: labels (N,), the
+    encoders' pooled features [(N, D_k)], and the SiT's pooled hidden states (N, len(ts), depth,
+    D), float32 on the CPU. One noise draw per image serves every t, so that the curves of the
+    different t differ only by t."""
+    from tqdm import tqdm
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    size = (len(rows), model.in_channels, info["input_size"], info["input_size"])
+    noise = torch.randn(size, generator=torch.Generator().manual_seed(cfg.seed))[rank::world]
+    mine, per = rows[rank::world], max(1, cfg.batch_size // world)
+    labels, enc, sit = [], [], []
+    for s in tqdm(range(0, len(mine), per), desc=f"features (rank 0 of {world})", unit="batch",
+                  disable=rank != 0):
+        images, moments, y = data.__getitems__(mine[s:s + per])
+        x, eps = clean_latents(moments, data).to(device), noise[s:s + per].to(device)
+        labels.append(y)
+        enc.append([f.float().mean(1).cpu() for f in encode(encoders, images.to(device))])
+        sit.append(torch.stack([block_features(model, x, torch.full((len(x),), t, device=device),
+                                               eps, info["path_type"]).cpu() for t in ts], dim=1))
+    n = len(rows)
+    return (gather_rows(torch.cat(labels), n, world, device),
+            [gather_rows(torch.cat(f), n, world, device) for f in zip(*enc)],
+            gather_rows(torch.cat(sit), n, world, device))
+
+
+def alignment_report(labels, enc, sit, ts, encoders, num_classes, cfg, device):
+    """CKNNA of every (t, block) with every encoder, on L2-normalised pooled features (as the PRH
+    pipeline), and the top-1 accuracy of a linear probe on every (t, block) and on every encoder,
+    trained on a seeded (1 - holdout) of the images and tested on the rest."""
+    from tqdm import tqdm
+    split = torch.randperm(len(labels), generator=torch.Generator().manual_seed(cfg.seed))
+    held = max(1, round(len(labels) * cfg.probe_holdout))
+    test, train, labels = split[:held], split[held:], labels.to(device)
+
+    def probe(f):
+        f = f.to(device)
+        return round(linear_probe(f[train], labels[train], f[test], labels[test], num_classes,
+                                  cfg.probe_epochs, cfg.probe_batch, cfg.probe_lr, cfg.seed), 4)
+
+    targets = [F.normalize(z.to(device), dim=-1) for z in enc]
+    report = {"probe": {}, "encoders": {e.name: {"probe": probe(z), "cknna": {}}
+                                        for e, z in zip(encoders, enc)}}
+    for i, t in enumerate(tqdm(ts, desc="CKNNA and probes", unit="t")):
+        h = sit[:, i].to(device)  # (N, depth, D)
+        report["probe"][str(t)] = [probe(h[:, b]) for b in range(h.shape[1])]
+        h = F.normalize(h, dim=-1)
+        for e, z in zip(encoders, targets):
+            report["encoders"][e.name]["cknna"][str(t)] = [
+                round(cknna(h[:, b], z, cfg.knn), 4) for b in range(h.shape[1])]
+    return report
+
+
+def plot_alignment(result, path):
+    """The PNG: linear-probe accuracy against block (fig. 2a: one line per t, each encoder's own
+    accuracy dashed), then CKNNA against block for each encoder (fig. 2b: one line per t)."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    encoders = result["encoders"]
+    fig, axes = plt.subplots(1, 1 + len(encoders), figsize=(5.5 * (1 + len(encoders)), 4.2))
+    panels = [(axes[0], result["probe"], "linear probe top-1 accuracy", "(a) semantic gap")] + [
+        (ax, e["cknna"], f"CKNNA with {name}", "(b) alignment")
+        for ax, (name, e) in zip(axes[1:], encoders.items())]
+    for ax, curves, ylabel, title in panels:
+        for t, values in curves.items():
+            ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=f"t = {t}")
+        ax.set(xlabel="block", ylabel=ylabel, title=title)
+        ax.grid(alpha=0.3)
+    for name, e in encoders.items():
+        axes[0].axhline(e["probe"], linestyle="--", color="gray")
+        axes[0].annotate(name, (1, e["probe"]), textcoords="offset points", xytext=(2, 3),
+                         fontsize=8, color="gray")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{os.path.basename(result['checkpoint'])}: {result['images']:,} images, "
+                 f"k = {result['knn']}, t = 0 is data", fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+
+
+def analyze_checkpoint(cfg):
+    """--analyze: for a checkpoint (ours, an official one, a run folder), CKNNA and linear-probe
+    accuracy of the hidden state after every block at every t; writes analysis.json and
+    analysis.png under results_dir/exp_name/analysis/<checkpoint>/. Feature extraction is split
+    over torchrun's ranks; rank 0 computes the metrics."""
+    import sample  # lazily, as Grids: sample.py imports this file
+    rank, world, device = setup_distributed()
+    model, info = sample.load_checkpoint(cfg.analyze, device)  # the EMA
+    data, rows = analysis_images(cfg, info, device)
+    if len(rows) <= max(world, cfg.knn + 3):
+        raise UserError(f"{len(rows)} images are too few to measure with --knn {cfg.knn} on "
+                        f"{world} processes")
+    encoders = demo_encoders(device) if cfg.demo else load_encoders(cfg.enc_type,
+                                                                     info["resolution"], device)
+    ts = parse_times(cfg.analyze_t)
+    print0(f"measuring {info['path']} ({len(model.blocks)} blocks) on {len(rows):,} images at "
+           f"t = {ts} against {', '.join(e.name for e in encoders)}; no class label")
+    labels, enc, sit = extract_features(model, encoders, data, rows, ts, cfg, info, device)
+    result = None
+    if rank == 0:
+        result = dict(checkpoint=info["path"], steps=info["steps"], images=len(rows), t=ts,
+                      knn=cfg.knn, features="hidden states averaged over tokens, L2-normalised "
+                      "for CKNNA", probe_protocol=dict(
+                          epochs=cfg.probe_epochs, batch=cfg.probe_batch, lr=cfg.probe_lr,
+                          holdout=cfg.probe_holdout),
+                      **alignment_report(labels, enc, sit, ts, encoders, data.num_classes, cfg,
+                                         device))
+        stem = os.path.splitext(os.path.basename(info["path"]))[0]
+        out = os.path.join(cfg.results_dir, cfg.exp_name, "analysis", stem)
+        os.makedirs(out, exist_ok=True)
+        atomic_write(os.path.join(out, "analysis.json"),
+                     lambda f: json.dump(result, f, indent=1), "w")
+        plot_alignment(result, os.path.join(out, "analysis.png"))
+        for t in map(str, ts):
+            best = {n: max(e["cknna"][t]) for n, e in result["encoders"].items()}
+            print(f"t = {t}: best probe {max(result['probe'][t]):.3f}, best CKNNA " +
+                  ", ".join(f"{n} {v:.3f}" for n, v in best.items()))
+        print(f"wrote {out}/analysis.json and analysis.png")
+    barrier()
+    return result
 
 
 def benchmark_reader(cfg):
@@ -1792,6 +2289,8 @@ def main(argv=None):
             prepare(cfg.prepare, cfg.data_dir, cfg.resolution, cfg.vae, cfg.shard_size)
         elif cfg.bench_data:
             benchmark_reader(cfg)
+        elif cfg.analyze:
+            analyze_checkpoint(cfg)
         else:
             if cfg.bench:
                 cfg = replace(cfg, max_steps=cfg.bench, log_every=max(1, cfg.bench // 2))

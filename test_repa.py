@@ -1844,6 +1844,10 @@ def test_demo_trains_and_both_losses_fall(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "not a pretrained encoder" in out.stdout  # the demo says what it aligns to
     rows = [json.loads(l) for l in open(tmp_path / "demo" / "metrics.jsonl")]
+    every = repa.DEMO["align_every"]  # and its alignment rows (--align-every) in the same file
+    assert [r["step"] for r in rows if "cknna/demo-patchstats/block2" in r] == list(
+        range(every, repa.DEMO["max_steps"] + 1, every))
+    rows = [r for r in rows if "loss" in r]
     first, last = rows[0], rows[-1]
     assert last["step"] == repa.DEMO["max_steps"]
     assert last["loss"] < 0.8 * first["loss"] and last["align"] < first["align"] - 0.05
@@ -1855,7 +1859,9 @@ def test_demo_trains_and_both_losses_fall(tmp_path):
     assert any(f.endswith("-grid.png") for f in os.listdir(tmp_path / "demo" / "samples"))
 
 
-# =============================================================================================
+# ======================================================================================
+
+
 # Evaluation (sample.py): ADM's FID, sFID, IS, precision/recall, in-process
 #   1. The Fréchet distance equals its closed form for diagonal covariances and an independent
 #      eigendecomposition on random ones, rank-deficient included; ADM's retry with eps.
@@ -2158,3 +2164,245 @@ def test_evaluation_on_two_processes_equals_one(tmp_path, random_inception):
         assert out.returncode == 0, out.stderr[-3000:]
         results.append(json.loads((tmp_path / "samples-vs-ref.json").read_text()))
     assert results[0] == results[1] and 1 < results[0]["inception_score"]
+=======
+# ---------------------------------------------------------------------------------------------
+# Measuring alignment: CKNNA and mutual k-NN equal the PRH code's numbers; CKNNA is 1 for a
+# rotated copy and about 0 for unrelated features; the probe learns what is linearly there and
+# nothing else; the hidden states are the blocks' outputs; --analyze and --align-every run.
+# ---------------------------------------------------------------------------------------------
+# From github.com/minyoungg/platonic-rep metrics.py @ dcd76ba (AlignmentMetrics.cknna and
+# .mutual_knn), float32, CPU, one thread, on the inputs of `prh_inputs`; "l2": both inputs
+# F.normalize'd first, as its measure_alignment.compute_score does.
+PRH_GOLDEN = {
+    "raw": {"cknna_a_b_k10": 0.036858269183114974, "mutual_knn_a_b_k10": 0.051500000059604645,
+            "cknna_a_c_k10": 0.5225153128384835, "mutual_knn_a_c_k10": 0.4790000021457672,
+            "cknna_a_c_k5": 0.41388557734046877, "mutual_knn_a_c_k5": 0.4200000464916229,
+            "cknna_a_a_k10": 0.9999998244872879},
+    "l2": {"cknna_a_b_k10": 0.04079686364326012, "mutual_knn_a_b_k10": 0.0494999997317791,
+           "cknna_a_c_k10": 0.5225591415196322, "mutual_knn_a_c_k10": 0.48099997639656067,
+           "cknna_a_c_k5": 0.4277471164449633, "mutual_knn_a_c_k5": 0.4230000376701355,
+           "cknna_a_a_k10": 0.9998221008423902}}
+
+
+def prh_inputs():
+    """a and b independent; c a rotated, noisy copy of a (the golden recipe)."""
+    a = torch.randn(200, 32, generator=torch.Generator().manual_seed(0))
+    b = torch.randn(200, 48, generator=torch.Generator().manual_seed(1))
+    q, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(2)))
+    c = a @ q + 0.5 * torch.randn(200, 32, generator=torch.Generator().manual_seed(3))
+    return a, b, c
+
+
+@pytest.mark.parametrize("norm", ["raw", "l2"])
+def test_cknna_and_mutual_knn_equal_the_prh_code(norm):
+    prep = (lambda x: torch.nn.functional.normalize(x, dim=-1)) if norm == "l2" else (lambda x: x)
+    a, b, c = map(prep, prh_inputs())
+    golden = PRH_GOLDEN[norm]
+    for name, x, y, k in [("a_b_k10", a, b, 10), ("a_c_k10", a, c, 10), ("a_c_k5", a, c, 5)]:
+        assert abs(repa.cknna(x, y, k) - golden[f"cknna_{name}"]) < 1e-6, name
+        assert abs(repa.mutual_knn(x, y, k) - golden[f"mutual_knn_{name}"]) < 1e-6, name
+    assert abs(repa.cknna(a, a, 10) - golden["cknna_a_a_k10"]) < 1e-6
+
+
+def test_cknna_is_one_for_a_rotation_and_near_zero_for_independent_features():
+    a, b, _ = prh_inputs()
+    q, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(5)))
+    # raw features: HSIC is large, so the 1e-6 of the denominator is invisible
+    assert abs(repa.cknna(a, 3 * a @ q) - 1) < 1e-6
+    # normalised: exactly HSIC / (HSIC + 1e-6), the PRH code's epsilon, written out
+    x = torch.nn.functional.normalize(a.double(), dim=-1)
+    mask = repa.knn_mask(x @ x.T, 10)
+    hsic = repa.hsic_unbiased(mask * (x @ x.T), mask * (x @ x.T)).item()
+    assert abs(repa.cknna(x, x @ q.double()) - hsic / (hsic + 1e-6)) < 1e-9
+    assert abs(repa.cknna(a, b)) < 0.1 and abs(repa.cknna(a, torch.randn(200, 8))) < 0.1
+    with pytest.raises(repa.UserError):
+        repa.cknna(a, b, topk=1)
+
+
+def test_hsic_unbiased_is_song_eq5_by_hand():
+    k = torch.rand(6, 6, generator=torch.Generator().manual_seed(0)).double()
+    l = torch.rand(6, 6, generator=torch.Generator().manual_seed(1)).double()  # not symmetric
+    kt, lt, m = k.clone().fill_diagonal_(0), l.clone().fill_diagonal_(0), 6
+    one = torch.ones(m, 1, dtype=torch.float64)
+    expected = (torch.trace(kt @ lt) + (one.T @ kt @ one) * (one.T @ lt @ one) / ((m - 1) * (m - 2))
+                - 2 / (m - 2) * (one.T @ kt @ lt @ one)) / (m * (m - 3))
+    assert abs(repa.hsic_unbiased(k, l).item() - expected.item()) < 1e-12
+
+
+def test_mutual_knn_on_a_hand_made_case():
+    def unit(*degrees):
+        r = torch.tensor(degrees, dtype=torch.float64) * math.pi / 180
+        return torch.stack([r.cos(), r.sin()], dim=1)
+    # nearest neighbour (largest cosine) in a: 0<->1, 2<->3. In b: 0->1, 1->0, 2->1, 3->2.
+    # The same neighbour for points 0, 1 and 3: 3 of 4.
+    a, b = unit(0, 10, 90, 100), unit(0, 10, 90, 200)
+    assert repa.mutual_knn(a, b, topk=1) == 0.75
+    assert repa.mutual_knn(a, a, topk=2) == 1.0
+
+
+def test_linear_probe_learns_separable_features_and_nothing_from_shuffled_labels():
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(10, 64, generator=g) * 0.5
+    y = torch.randint(0, 10, (2000,), generator=g)
+    x = 5 + 3 * (means[y] + torch.randn(2000, 64, generator=g))  # BN removes shift and scale
+    assert repa.linear_probe(x[:1600], y[:1600], x[1600:], y[1600:], 10) > 0.9
+    # BatchNorm is evaluated with the exact statistics of training, even after 5 steps: a shift
+    # of every feature by 1000 changes nothing (a running average would still be far off)
+    short = [repa.linear_probe(f[:1600], y[:1600], f[1600:], y[1600:], 10, epochs=5)
+             for f in (x, x + 1000)]
+    assert short[0] > 0.5 and short[1] == pytest.approx(short[0], abs=0.01)
+    shuffled = y[torch.randperm(2000, generator=g)]
+    assert repa.linear_probe(x[:1600], shuffled[:1600], x[1600:], shuffled[1600:], 10) < 0.2
+
+
+def test_hidden_states_are_the_blocks_outputs_and_need_no_label():
+    model = fill_(tiny_model()).eval()
+    x, t = torch.randn(3, 4, 8, 8), torch.rand(3)
+    y = torch.full((3,), model.num_classes)
+    v, zs, hidden = model(x, t, y, return_hidden=True)
+    v0, zs0 = model(x, t, y)
+    assert len(hidden) == len(model.blocks) and torch.equal(v, v0)
+    # block encoder_depth's output is what the projector reads
+    torch.testing.assert_close(model.projectors[0](hidden[model.encoder_depth - 1]), zs0[0])
+    # block_features: eq. (1) at t, the null label, the mean over tokens
+    eps = torch.randn_like(x)
+    x_t = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * eps
+    pooled = torch.stack([h.mean(1) for h in model(x_t, t, y, return_hidden=True)[-1]], 1)
+    torch.testing.assert_close(repa.block_features(model, x, t, eps), pooled)
+    no_null = fill_(tiny_model(class_dropout_prob=0.0))
+    assert repa.null_labels(no_null, 2, "cpu").tolist() == [0, 0]
+
+
+# The official preprocessing and tokens of every --enc-type (sihyun-yu/REPA train.py and
+# utils.load_encoders): input pixels, mean/std and whether the final norm is applied.
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+OFFICIAL_ENCODERS = {
+    "dinov2-vit-b": (224, IMAGENET, True), "dinov2reg-vit-s": (224, IMAGENET, True),
+    "clip-vit-L": (224, CLIP, False), "mae-vit-l": (256, IMAGENET, False),
+    "dinov1-vit-b": (256, IMAGENET, True), "mocov3-vit-s": (256, IMAGENET, True),
+    "mocov3-vit-b": (256, IMAGENET, True), "mocov3-vit-l": (256, IMAGENET, True),
+    "jepa-vit-h": (224, IMAGENET, True)}
+
+
+@pytest.mark.parametrize("name", list(OFFICIAL_ENCODERS))
+def test_every_paper_encoder_has_the_official_preprocessing_and_256_tokens(name):
+    pixels, (mean, std), final_norm = OFFICIAL_ENCODERS[name]
+    (enc,) = repa.load_encoders(name, 256, **TINY_VIT)
+    assert (enc.size, enc.tokens, enc.dim, enc.final_norm) == (pixels, 256, 48, final_norm)
+    assert enc.mean.flatten().tolist() == pytest.approx(mean)
+    assert enc.std.flatten().tolist() == pytest.approx(std)
+    images = torch.randint(0, 256, (1, 3, 256, 256), dtype=torch.uint8)
+    x = torch.nn.functional.interpolate((images / 255 - enc.mean) / enc.std, pixels,
+                                        mode="bicubic") if pixels != 256 else (
+        images / 255 - enc.mean) / enc.std
+    normed = enc.model.forward_features(x)[:, enc.prefix:]  # final norm, prefix dropped
+    (feats,) = repa.encode([enc], images)
+    assert feats.shape == (1, 256, 48)
+    assert torch.allclose(feats, normed) == final_norm
+    if not final_norm:  # MAE, CLIP: the last block's raw output; the final norm gives `normed`
+        torch.testing.assert_close(enc.model.norm(feats), normed)
+
+
+def test_mocov3_vit_s_has_12_heads_and_clip_is_quickgelu():
+    (moco,) = repa.load_encoders("mocov3-vit-s", 256, pretrained=False, depth=1)
+    assert moco.model.blocks[0].attn.num_heads == 12 and moco.dim == 384
+    (clip,) = repa.load_encoders("clip-vit-l", 256, **TINY_VIT)
+    assert "QuickGELU" in type(clip.model.blocks[0].mlp.act).__name__
+
+
+def test_mocov3_official_file_loads_strictly(tmp_path):
+    import timm
+    from timm.layers import resample_abs_pos_embed
+    # the official MoCo v3 layout at 224 px: base and momentum encoders, predictor and head, and
+    # the misnamed norms / MLPs of blocks 13 and 14 of the released ViT-L
+    tiny = dict(depth=15, embed_dim=48, num_heads=2)
+    vit = timm.create_model("vit_large_patch16_224", pretrained=False, num_classes=0, **tiny)
+    wrong = {"blocks.13.norm1": "blocks.13.norm13", "blocks.13.mlp.fc1": "blocks.13.mlp.fc13",
+             "blocks.14.norm2": "blocks.14.norm14", "blocks.14.mlp.fc2": "blocks.14.mlp.fc14"}
+    state = {}
+    for k, v in vit.state_dict().items():
+        for right, bad in wrong.items():
+            k = k.replace(right, bad)
+        state[f"module.base_encoder.{k}"] = v
+        state[f"module.momentum_encoder.{k}"] = v + 1
+    state.update({"module.base_encoder.head.0.weight": torch.zeros(8, 48),
+                  "module.predictor.0.weight": torch.zeros(8, 8)})
+    torch.save({"state_dict": state, "epoch": 300}, tmp_path / "mocov3_vitl.pth")
+    (enc,) = repa.load_encoders(f"mocov3-vit-l={tmp_path}/mocov3_vitl.pth", 256, **tiny)
+    got = enc.model.state_dict()  # loaded strictly: every key of the model came from the file
+    torch.testing.assert_close(got["blocks.13.norm1.weight"], vit.blocks[13].norm1.weight)
+    torch.testing.assert_close(got["blocks.14.mlp.fc2.bias"], vit.blocks[14].mlp.fc2.bias)
+    torch.testing.assert_close(got["pos_embed"], resample_abs_pos_embed(vit.pos_embed, [16, 16]))
+    with pytest.raises(repa.UserError, match="mocov3-vit-b=PATH"):  # no timm weights: a file
+        repa.load_encoders("mocov3-vit-b")
+
+
+@pytest.mark.parametrize("name,arch,layout", [
+    # the official I-JEPA file: the online encoder under `encoder`, DDP's `module.` prefixes
+    ("jepa-vit-h", "vit_huge_patch14_gap_224", lambda sd: {
+        "encoder": {f"module.{k}": v for k, v in sd.items()}, "target_encoder": {}, "epoch": 1}),
+    # MAE's mae_pretrain_vit_large.pth: the encoder under `model`, 224 px positions
+    ("mae-vit-l", "vit_large_patch16_224", lambda sd: {"model": sd})])
+def test_official_files_of_ijepa_and_mae_load(tmp_path, name, arch, layout):
+    import timm
+    tiny = dict(depth=1, embed_dim=48, num_heads=2)
+    vit = timm.create_model(arch, pretrained=False, num_classes=0, **tiny)
+    torch.save(layout(vit.state_dict()), tmp_path / "official.pth")
+    (enc,) = repa.load_encoders(f"{name}={tmp_path}/official.pth", 256, **tiny)
+    x = torch.randint(0, 256, (1, 3, 256, 256), dtype=torch.uint8)
+    torch.testing.assert_close(enc.model.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
+    assert repa.encode([enc], x)[0].shape == (1, 256, 48)
+
+
+def test_analyze_runs_end_to_end_on_the_demo_and_training_logs_alignment(tmp_path):
+    import json
+    train = run_repa(*DEMO_FAST, "--max-steps", "2", "--align-every", "1", "--align-images",
+                     "64", "--results-dir", str(tmp_path))
+    assert train.returncode == 0, train.stderr[-2000:]
+    rows = [json.loads(l) for l in open(tmp_path / "demo" / "metrics.jsonl")]
+    logged = [r for r in rows if "cknna/demo-patchstats/block2" in r]
+    assert [r["step"] for r in logged] == [1, 2] and "cknna/demo-patchstats/block6" in logged[0]
+    out = run_repa("--demo", "--analyze", str(tmp_path / "demo"), "--analyze-images", "48",
+                   "--analyze-t", "0,0.5", "--probe-epochs", "1", "--results-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    folder = tmp_path / "demo" / "analysis" / "0000002"
+    result = json.load(open(folder / "analysis.json"))
+    assert result["images"] == 48 and result["t"] == [0.0, 0.5] and result["knn"] == 10
+    assert [len(v) for v in result["probe"].values()] == [6, 6]  # T/4 has 6 blocks
+    (enc,) = result["encoders"].values()
+    assert all(-1 <= c <= 1 for v in enc["cknna"].values() for c in v) and len(enc["cknna"]) == 2
+    assert open(folder / "analysis.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_analyze_on_two_processes_equals_one(tmp_path):
+    import json
+    out = run_repa(*DEMO_FAST, "--max-steps", "1", "--results-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    args = ["--demo", "--analyze", str(tmp_path / "demo"), "--analyze-images", "30",
+            "--analyze-t", "0.25", "--probe-epochs", "5"]
+    one = run_repa(*args, "--results-dir", str(tmp_path / "one"))
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--standalone", os.path.join(HERE, "repa.py"), *args, "--results-dir",
+                          str(tmp_path / "two")], capture_output=True, text=True, timeout=300,
+                         cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == two.returncode == 0, two.stderr[-2000:]
+    a, b = (json.load(open(tmp_path / d / "demo" / "analysis" / "0000001" / "analysis.json"))
+            for d in ("one", "two"))
+    # the gathered features are in the same order: the same numbers (up to batching's rounding)
+    assert a["probe"] == b["probe"] and a["encoders"].keys() == b["encoders"].keys()
+    for name, e in a["encoders"].items():
+        assert e["cknna"]["0.25"] == pytest.approx(b["encoders"][name]["cknna"]["0.25"], abs=1e-3)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--analyze", "x.pt", "--analyze-t", "0,2"], "--analyze-t must be comma-separated times"),
+    (["--analyze", "x.pt", "--analyze-images", "12"], "--analyze-images must be more than"),
+    (["--knn", "1"], "--knn must be at least 2"),
+    (["--probe-holdout", "1"], "--probe-holdout must be in (0, 1)")])
+def test_bad_analysis_flags_are_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        repa.parse_args(flags)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1
