@@ -199,6 +199,12 @@ def schedule_at(table, t):
     return table[t].float().view(-1, 1, 1, 1)
 
 
+def ddpm_noised(sched, x0, t, noise):
+    """x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), with the given noise."""
+    return (schedule_at(sched["sqrt_alphas_cumprod"], t) * x0 +
+            schedule_at(sched["sqrt_one_minus_alphas_cumprod"], t) * noise)
+
+
 def ddpm_posterior(sched, x0, x_t, t):
     """(mean, clipped log-variance) of q(x_{t-1} | x_t, x_0), t the step index of `sched`."""
     mean = (schedule_at(sched["posterior_mean_coef1"], t) * x0 +
@@ -549,8 +555,7 @@ def ddpm_loss(model, x, y, zs, t=None, noise=None):
     sched = ddpm_schedule(DDPM_STEPS, x.device)
     t = torch.randint(0, DDPM_STEPS, (x.shape[0],), device=x.device) if t is None else t
     noise = torch.randn_like(x) if noise is None else noise
-    x_t = (schedule_at(sched["sqrt_alphas_cumprod"], t) * x +
-           schedule_at(sched["sqrt_one_minus_alphas_cumprod"], t) * noise)
+    x_t = ddpm_noised(sched, x, t, noise)
     out, zs_pred = model(x_t, t, y)
     eps, v = out.float().chunk(2, dim=1)
     mse = (noise - eps).square().mean(dim=(1, 2, 3))
@@ -880,12 +885,11 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=90, batch
 
 def noised(model, x, t, noise, path_type="linear"):
     """(x_t, the model's time input) for clean latents x at times t (B,) in [0, 1], t = 0 data:
-    the state the model sees at that noise level. SiT: eq. (1), and t itself. This is the one
-    place a model with another noise schedule plugs in: a model with a method `noised(x, t,
-    noise)` is asked instead (a DiT: x_t at timestep min(int(1000 t), 999) of its DDPM schedule,
-    sqrt(abar) x + sqrt(1 - abar) eps, and that integer timestep as its input)."""
-    if hasattr(model, "noised"):
-        return model.noised(x, t, noise)
+    the state the model sees at that noise level. SiT: eq. (1), and t itself. DiT: its DDPM
+    chain at timestep k = min(int(1000 t), 999), and k."""
+    if model.learn_sigma:
+        k = (t * DDPM_STEPS).long().clamp(max=DDPM_STEPS - 1)
+        return ddpm_noised(ddpm_schedule(DDPM_STEPS, x.device), x, k, noise), k
     alpha, sigma, _, _ = interpolant(t.to(x.dtype).view(-1, 1, 1, 1), path_type)
     return alpha * x + sigma * noise, t.to(x.dtype)
 

@@ -2164,7 +2164,7 @@ def test_evaluation_on_two_processes_equals_one(tmp_path, random_inception):
         assert out.returncode == 0, out.stderr[-3000:]
         results.append(json.loads((tmp_path / "samples-vs-ref.json").read_text()))
     assert results[0] == results[1] and 1 < results[0]["inception_score"]
-=======
+
 # ---------------------------------------------------------------------------------------------
 # Measuring alignment: CKNNA and mutual k-NN equal the PRH code's numbers; CKNNA is 1 for a
 # rotated copy and about 0 for unrelated features; the probe learns what is linearly there and
@@ -2406,3 +2406,19 @@ def test_bad_analysis_flags_are_one_line(flags, message, capsys):
         repa.parse_args(flags)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1
+
+
+def test_dit_features_are_taken_on_its_ddpm_chain():
+    # --analyze noises a DiT on its own chain: t = 0.25 is timestep 250, with abar of DDPM's
+    # linear betas (closed form here), and no class label (the null row)
+    model = repa.build_model("DiT-T/4", input_size=16, in_channels=3, num_classes=10,
+                             z_dims=[]).eval()
+    x, noise = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    feats = repa.block_features(model, x, torch.tensor([0.25, 1.0]), noise)
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    k = torch.tensor([250, 999])
+    x_t = (abar[k].sqrt().float().view(-1, 1, 1, 1) * x +
+           (1 - abar[k]).sqrt().float().view(-1, 1, 1, 1) * noise)
+    hidden = model(x_t, k, torch.full((2,), 10), return_hidden=True)[-1]
+    assert feats.shape == (2, 6, 128)
+    torch.testing.assert_close(feats[:, -1], hidden[-1].mean(1), rtol=1e-5, atol=1e-6)
