@@ -1269,6 +1269,17 @@ class DemoDataset(torch.utils.data.Dataset):
     num_classes, resolution = 10, 32
     class_names = ["disk", "square", "triangle", "diamond", "plus", "ring", "h-bar", "v-bar", "X",
                    "frame"]
+    # inside(|dx|, |dy|, radius, dy) for each class, in units of the shape's size around its centre
+    shapes = [lambda ax, ay, rad, dy: rad < 1,
+              lambda ax, ay, rad, dy: (ax < 0.8) & (ay < 0.8),
+              lambda ax, ay, rad, dy: (dy < 0.8) & (ax < (dy + 1) * 0.5),
+              lambda ax, ay, rad, dy: ax + ay < 1,
+              lambda ax, ay, rad, dy: ((ax < 0.25) | (ay < 0.25)) & (rad < 1),
+              lambda ax, ay, rad, dy: (rad < 1) & (rad > 0.6),
+              lambda ax, ay, rad, dy: (ax < 1) & (ay < 0.3),
+              lambda ax, ay, rad, dy: (ax < 0.3) & (ay < 1),
+              lambda ax, ay, rad, dy: (np.abs(ax - ay) < 0.25) & (rad < 1.1),
+              lambda ax, ay, rad, dy: (ax < 0.9) & (ay < 0.9) & ((ax > 0.55) | (ay > 0.55))]
 
     def __init__(self, n=10_000, seed=0):
         rng = np.random.default_rng(seed)
@@ -1277,19 +1288,12 @@ class DemoDataset(torch.utils.data.Dataset):
         self.labels = rng.integers(0, self.num_classes, n)
         cx, cy = rng.uniform(10, 22, (2, n, 1, 1))
         size = rng.uniform(6, 10, (n, 1, 1))
-        dx, dy = (xx - cx) / size, (yy - cy) / size
-        ax, ay, rad = np.abs(dx), np.abs(dy), np.sqrt(dx ** 2 + dy ** 2)
-        shapes = [rad < 1,                                      # disk
-                  (ax < 0.8) & (ay < 0.8),                      # square
-                  (dy < 0.8) & (ax < (dy + 1) * 0.5),           # triangle
-                  ax + ay < 1,                                  # diamond
-                  ((ax < 0.25) | (ay < 0.25)) & (rad < 1),      # plus
-                  (rad < 1) & (rad > 0.6),                      # ring
-                  (ax < 1) & (ay < 0.3),                        # horizontal bar
-                  (ax < 0.3) & (ay < 1),                        # vertical bar
-                  (np.abs(ax - ay) < 0.25) & (rad < 1.1),       # X
-                  (ax < 0.9) & (ay < 0.9) & ((ax > 0.55) | (ay > 0.55))]  # hollow square
-        mask = np.choose(self.labels[:, None, None], shapes)
+        dx, dy = (xx - cx) / size, (yy - cy) / size  # pixel offsets in units of the size
+        mask = np.empty((n, r, r), bool)
+        for c, inside in enumerate(self.shapes):  # each image tested against its own shape only
+            k = self.labels == c
+            ax, ay, rad = np.abs(dx[k]), np.abs(dy[k]), np.hypot(dx[k], dy[k])
+            mask[k] = inside(ax, ay, rad, dy[k])
         colour = rng.uniform(120, 255, (n, 3, 1, 1))
         background = rng.uniform(0, 60, (n, 3, 1, 1))
         self.images = np.where(mask[:, None], colour, background).astype(np.uint8)

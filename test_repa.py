@@ -912,6 +912,7 @@ def test_resume_is_exact(tmp_path):
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
 
 
+@pytest.mark.slow  # tens of seconds: CI runs it with the slow tests
 def test_sigterm_saves_exits_zero_and_resumes_like_an_unbroken_run(tmp_path):
     import signal
     import time
@@ -1239,6 +1240,7 @@ def test_reader_epochs_are_the_seeded_permutations():
 # Watching a run, and the first hour of a new user: grids from the EMA with fixed noise, W&B
 # offline, a finished run that stays untouched, one-line errors for bad values and files.
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow  # tens of seconds: CI runs it with the slow tests
 def test_grids_are_the_ema_with_fixed_noise_at_step_1_and_every_n(tmp_path):
     from PIL import Image
     args = ["--demo", "--batch-size", "8", "--sample-every", "2", "--results-dir", str(tmp_path)]
@@ -1259,6 +1261,7 @@ def test_grids_are_the_ema_with_fixed_noise_at_step_1_and_every_n(tmp_path):
     assert np.array_equal(tile, images[3 * 4 + 2].numpy())
 
 
+@pytest.mark.slow  # tens of seconds: CI runs it with the slow tests
 def test_wandb_logs_offline_next_to_metrics(tmp_path):
     pytest.importorskip("wandb")
     out = run_repa(*DEMO_FAST, "--max-steps", "2", "--wandb", "repa-test", "--sample-every", "1",
