@@ -1339,7 +1339,7 @@ def demo_encoders(device="cpu"):
 # replace Config's defaults unless a flag is given; more small steps beat fewer big ones here.
 DEMO = dict(model="T/4", enc_type=DEMO_ENCODER, projector_dim=256, batch_size=32, max_steps=800,
             lr=1e-3, ema_decay=0.99, log_every=25, ckpt_every=400, latest_every=200,
-            sample_every=200, num_workers=0, exp_name="demo", align_every=200, align_images=256,
+            sample_every=400, num_workers=0, exp_name="demo", align_every=200, align_images=256,
             analyze_images=2000)
 DEMO_HELDOUT_SEED = 1  # the demo's alignment is measured on shapes of this seed (training's: 0)
 
