@@ -29,7 +29,7 @@ Glossary: h_phi = projector (one per encoder); encoder_depth = the block whose o
 Commands
 --------
   pip install -r requirements.txt && python -m pytest -q test_repa.py       # set up and test
-  python repa.py --demo                              # REPA on built-in shapes, CPU, ~3 minutes
+  python repa.py --demo                              # REPA on built-in shapes, CPU, ~5 minutes
   torchrun --nproc_per_node=8 repa.py --prepare IMAGENET/train --data-dir data/imagenet256
   torchrun --nproc_per_node=8 repa.py --model XL/2 --data-dir data/imagenet256   # the paper
   torchrun --nproc_per_node=8 repa.py --model DiT-XL/2 --data-dir data/imagenet256   # DiT + REPA
