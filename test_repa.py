@@ -1195,11 +1195,12 @@ def test_each_micro_batch_draws_from_the_seed_of_its_step_and_slot(monkeypatch):
 
 
 def test_projector_learns_nothing_without_the_alignment_term():
-    run, data = demo_run("--proj-coeff", "0")
+    run, data = demo_run("--proj-coeff", "0", "--cfg-prob", "0.2")
     before = params(run.model.projectors)
     repa.train_step(run, [next(data)])
     assert all(torch.equal(p, before[n]) for n, p in run.model.projectors.named_parameters())
-    assert run.model.y_embedder.dropout_prob == run.cfg.cfg_prob == 0.1  # the flag reaches it
+    assert run.model.y_embedder.dropout_prob == 0.2  # the flag reaches the label dropout
+    assert all(p.grad is None for p in run.model.parameters())  # no gradient left for the next
 
 
 def test_checkpoint_schema_and_data_position(tmp_path):
