@@ -29,7 +29,8 @@ Glossary: h_phi = projector (one per encoder); encoder_depth = the block whose o
 Commands
 --------
   pip install -r requirements.txt && python -m pytest -q test_repa.py       # set up and test
-  python repa.py --demo                              # REPA on built-in shapes, CPU, ~5 minutes
+  python repa.py --demo                              # REPA on built-in shapes, CPU, ~8 minutes
+  python repa.py --demo --compare                    # vanilla vs REPA on them: compare.md / .png
   torchrun --nproc_per_node=8 repa.py --prepare IMAGENET/train --data-dir data/imagenet256
   torchrun --nproc_per_node=8 repa.py --model XL/2 --data-dir data/imagenet256   # the paper
   torchrun --nproc_per_node=8 repa.py --model DiT-XL/2 --data-dir data/imagenet256   # DiT + REPA
@@ -47,9 +48,10 @@ Map of this file
                      Depends on torch, numpy and timm only: a reader who stops here has the whole
                      method and can paste it.
   II  Data           processes and files; the SD-VAE; ImageNet -> shards; the reader and its
-                     resumable order; the demo's data and alignment target.
+                     resumable order; the demo: its shapes, its self-supervised target (MAE)
+                     and its judge (a CNN, for FD_demo).
   III Training       the config and its checks; EMA, checkpoints, signals; one step; the loop;
-                     --analyze; the command line. Only `main` looks forward.
+                     --analyze; --demo --compare; the command line. Only `main` looks forward.
 """
 import argparse
 import contextlib
@@ -1257,89 +1259,251 @@ def loader(dataset, sampler, workers=4):
 
 
 #################################################################################
-#          The demo: procedural shapes, and a hand-made alignment target        #
+#   The demo: procedural shapes, a self-supervised encoder, and a separate judge  #
 #################################################################################
+# A laptop-sized stand-in for ImageNet + DINOv2 + Inception: 16 x 16 images of ten shapes with
+# everything but the shape random; a small ViT pretrained on them without labels (MAE, as the
+# paper's MAE-L target, in about 2 minutes) as the alignment target; and a CNN trained on the
+# labels to judge the samples (FD_demo and class accuracy). The target never judges.
+
+def _rotated(u, v, angle):
+    """(u, v) turned by -angle: the offsets in the frame of a shape rotated by angle."""
+    return u * angle.cos() + v * angle.sin(), v * angle.cos() - u * angle.sin()
+
 
 class DemoDataset(torch.utils.data.Dataset):
-    """A procedural, class-conditional dataset generated in memory, for `--demo`: 32 x 32 images
-    of one coloured shape on a dark background, the class being the shape (10 kinds). Training on
-    it is in pixel space (no VAE): the 'moments' are the image in [-1, 1] with std 0, so the
-    training step is the same code as for latents, with scale 1."""
+    """A procedural, class-conditional dataset generated in memory, for `--demo`: 16 x 16 images
+    of one shape, the class; its size, position, rotation and colour, and the background's colour
+    and gradient, are random, so that a model must learn the shape itself. Training on it is in
+    pixel space (no VAE): the 'moments' are the image in [-1, 1] with std 0, so the training step
+    is the same code as for latents, with scale 1."""
     latent_scale = 1.0
-    num_classes, resolution = 10, 32
-    class_names = ["disk", "square", "triangle", "diamond", "plus", "ring", "h-bar", "v-bar", "X",
-                   "frame"]
-    # inside(|dx|, |dy|, radius, dy) for each class, in units of the shape's size around its centre
-    shapes = [lambda ax, ay, rad, dy: rad < 1,
-              lambda ax, ay, rad, dy: (ax < 0.8) & (ay < 0.8),
-              lambda ax, ay, rad, dy: (dy < 0.8) & (ax < (dy + 1) * 0.5),
-              lambda ax, ay, rad, dy: ax + ay < 1,
-              lambda ax, ay, rad, dy: ((ax < 0.25) | (ay < 0.25)) & (rad < 1),
-              lambda ax, ay, rad, dy: (rad < 1) & (rad > 0.6),
-              lambda ax, ay, rad, dy: (ax < 1) & (ay < 0.3),
-              lambda ax, ay, rad, dy: (ax < 0.3) & (ay < 1),
-              lambda ax, ay, rad, dy: (np.abs(ax - ay) < 0.25) & (rad < 1.1),
-              lambda ax, ay, rad, dy: (ax < 0.9) & (ay < 0.9) & ((ax > 0.55) | (ay > 0.55))]
+    num_classes, resolution = 10, 16
+    size_range, ramp = (4, 6.7), 0.05  # half a shape's extent in pixels; the background's gradient
+    class_names = ["disk", "ring", "square", "frame", "triangle", "plus", "bar", "crescent", "L",
+                   "half-disk"]
+    # inside(u, v, r) for each class: (u, v) the rotated offset from the centre in units of the
+    # shape's size, r = |(u, v)|. No two classes are rotations of each other.
+    shapes = [lambda u, v, r: r < 1,
+              lambda u, v, r: (r < 1) & (r > 0.55),
+              lambda u, v, r: (u.abs() < 0.8) & (v.abs() < 0.8),
+              lambda u, v, r: (u.abs() < 0.85) & (v.abs() < 0.85) & (
+                  (u.abs() > 0.45) | (v.abs() > 0.45)),
+              lambda u, v, r: (v < 0.7) & (u.abs() < (v + 1) * 0.55),
+              lambda u, v, r: ((u.abs() < 0.28) | (v.abs() < 0.28)) & (u.abs() < 1) & (v.abs() < 1),
+              lambda u, v, r: (u.abs() < 1) & (v.abs() < 0.3),
+              lambda u, v, r: (r < 1) & (torch.hypot(u - 0.5, v) > 0.75),
+              lambda u, v, r: (u.abs() < 0.8) & (v.abs() < 0.8) & ((u < -0.25) | (v > 0.25)),
+              lambda u, v, r: (r < 1) & (v > -0.05)]
 
-    def __init__(self, n=10_000, seed=0):
-        rng = np.random.default_rng(seed)
+    def __init__(self, n=20_000, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        uniform = lambda low, high, *shape: low + (high - low) * torch.rand(*shape, generator=g)
         r = self.resolution
-        yy, xx = np.mgrid[0:r, 0:r].astype(np.float32) + 0.5
-        self.labels = rng.integers(0, self.num_classes, n)
-        cx, cy = rng.uniform(10, 22, (2, n, 1, 1))
-        size = rng.uniform(6, 10, (n, 1, 1))
-        dx, dy = (xx - cx) / size, (yy - cy) / size  # pixel offsets in units of the size
-        mask = np.empty((n, r, r), bool)
+        yy, xx = torch.meshgrid(torch.arange(r) + 0.5, torch.arange(r) + 0.5, indexing="ij")
+        self.labels = torch.randint(0, self.num_classes, (n,), generator=g)
+        size = uniform(*self.size_range, n, 1, 1)  # half the shape's extent, in pixels
+        cx, cy = (size + (r - 2 * size) * torch.rand(n, 1, 1, generator=g) for _ in "xy")
+        u, v = _rotated((xx - cx) / size, (yy - cy) / size, uniform(0, 2 * math.pi, n, 1, 1))
+        mask = torch.empty(n, r, r, dtype=torch.bool)
         for c, inside in enumerate(self.shapes):  # each image tested against its own shape only
             k = self.labels == c
-            ax, ay, rad = np.abs(dx[k]), np.abs(dy[k]), np.hypot(dx[k], dy[k])
-            mask[k] = inside(ax, ay, rad, dy[k])
-        colour = rng.uniform(120, 255, (n, 3, 1, 1))
-        background = rng.uniform(0, 60, (n, 3, 1, 1))
-        self.images = np.where(mask[:, None], colour, background).astype(np.uint8)
+            mask[k] = inside(u[k], v[k], torch.hypot(u[k], v[k]))
+        # a random colour on a background of the other brightness, with a random linear gradient
+        colour = torch.rand(n, 3, 1, 1, generator=g)
+        light = colour.mean(1, keepdim=True) > 0.5
+        background = torch.rand(n, 3, 1, 1, generator=g) * 0.35 + torch.where(light, 0, 0.65)
+        ramp, _ = _rotated((xx - r / 2) / (r / 2), (yy - r / 2) / (r / 2),
+                           uniform(0, 2 * math.pi, n, 1, 1, 1))
+        background = (background + ramp * uniform(-self.ramp, self.ramp, n, 3, 1, 1)).clamp(0, 1)
+        self.images = (torch.where(mask[:, None], colour, background) * 255).round().byte()
 
     def __len__(self):
         return len(self.labels)
 
     def __getitems__(self, indices):
-        images = torch.from_numpy(self.images[indices])
+        images = self.images[indices]
         mean = images.float() / 127.5 - 1
-        return images, torch.cat([mean, torch.zeros_like(mean)], dim=1), \
-            torch.from_numpy(self.labels[indices])
+        return images, torch.cat([mean, torch.zeros_like(mean)], dim=1), self.labels[indices]
 
 
-class PatchStats(nn.Module):
-    """The demo's frozen 'encoder': hand-made features of each 4 x 4 patch (mean colour, colour
-    spread, horizontal and vertical edge energy). They carry the layout and the edges of the image,
-    as early layers of a real encoder do, but none of DINOv2's semantics: the demo shows the
-    mechanism of REPA, not its benefit. Real runs always use a pretrained encoder."""
-    embed_dim, patch = 8, 4
-
-    def forward_features(self, x):  # x: (B, 3, H, W) in [0, 1]
-        p = self.patch
-        gray = x.mean(1, keepdim=True)
-        ex = F.pad((gray[..., :, 1:] - gray[..., :, :-1]).abs(), (0, 1))
-        ey = F.pad((gray[..., 1:, :] - gray[..., :-1, :]).abs(), (0, 0, 0, 1))
-        mean = F.avg_pool2d(x, p)
-        spread = (F.avg_pool2d(x * x, p) - mean ** 2).clamp_min(0).sqrt()
-        feats = torch.cat([mean - 0.5, spread, F.avg_pool2d(ex, p), F.avg_pool2d(ey, p)], dim=1)
-        return feats.flatten(2).transpose(1, 2)  # (B, tokens, 8)
+def demo_cache(name):
+    """Where the demo's pretrained networks are kept: $REPA_CACHE, else ~/.cache/repa."""
+    folder = os.environ.get("REPA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "repa")
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, name)
 
 
-DEMO_ENCODER = "demo-patchstats"
+def cache_once(name, make, module, every_rank=False):
+    """Load into `module` the weights kept under `name`, made the first time by make() ->
+    (trained module, info) and saved with that info. Returns the info. With every_rank (all
+    processes of torchrun call it), rank 0 makes them while the others wait."""
+    path = demo_cache(name)
+    if int(os.environ.get("RANK", 0)) == 0 and not os.path.isfile(path):
+        began = time.perf_counter()
+        trained, info = make()
+        info["seconds"] = round(time.perf_counter() - began, 1)
+        atomic_write(path, lambda f: torch.save({"model": trained.state_dict(), "info": info}, f))
+    if every_rank:
+        barrier()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        module.load_state_dict(state["model"])
+    except RuntimeError:
+        raise UserError(f"{path} was made for another version of the demo: delete it, and it "
+                        f"is made again") from None
+    return state["info"]
+
+
+DEMO_ENCODER = "demo-mae-vit"
+DEMO_PATCH = 2  # the encoder's patch side: an 8 x 8 grid, the tokens of a T/2 SiT
+DEMO_ENCODER_STEPS = 300  # MAE steps of batch 256: about 2 minutes on 2 CPU cores, once
+
+
+def demo_vit():
+    """The demo's encoder: a ViT with 4 x 4 patches, as many tokens as the demo SiT (64), no CLS
+    token, width 96, 4 blocks. timm's VisionTransformer, as DINOv2 and MAE are in timm."""
+    import timm
+    return timm.models.vision_transformer.VisionTransformer(
+        img_size=DemoDataset.resolution, patch_size=DEMO_PATCH, embed_dim=96, depth=4, num_heads=3,
+        num_classes=0, class_token=False, global_pool="avg")
+
+
+def patchify(images, p):
+    """(B, C, H, W) -> (B, tokens, p * p * C), the tokens in the ViT's row-major order."""
+    b, c, h, w = images.shape
+    return images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(
+        b, (h // p) * (w // p), p * p * c)
+
+
+def pretrain_mae(steps=300, batch_size=256, lr=2e-3, mask_ratio=0.75, seed=0):
+    """A masked autoencoder (He et al. 2022) on demo images it draws itself (seed 100, never the
+    training set's): the ViT sees a random 25% of the patches and a 2-block decoder predicts the
+    pixels of the others, normalised per patch (MAE's norm_pix_loss). AdamW (0.9, 0.95), weight
+    decay 0.05, 20 warm-up steps, cosine decay. Returns the encoder, frozen."""
+    from timm.models.vision_transformer import Block
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    data = DemoDataset(20_000, seed=100 + seed)
+    vit, width = demo_vit(), 64
+    decoder = nn.ModuleDict(dict(
+        embed=nn.Linear(vit.embed_dim, width),
+        blocks=nn.Sequential(Block(width, 2), Block(width, 2), nn.LayerNorm(width),
+                             nn.Linear(width, DEMO_PATCH ** 2 * 3))))
+    mask_token = nn.Parameter(torch.zeros(1, 1, width))
+    decoder_pos = nn.Parameter(torch.randn(1, vit.patch_embed.num_patches, width) * 0.02)
+    params = [*vit.parameters(), *decoder.parameters(), mask_token, decoder_pos]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / 20) * 0.5 * (
+        1 + math.cos(math.pi * s / steps)))
+    n = vit.patch_embed.num_patches
+    keep = int(n * (1 - mask_ratio))
+    for _ in range(steps):
+        images = data.images[torch.randint(0, len(data), (batch_size,), generator=g)] / 255
+        visible = torch.rand(batch_size, n, generator=g).argsort(1)[:, :keep]
+        tokens = vit.patch_embed(images) + vit.pos_embed
+        tokens = torch.gather(tokens, 1, visible[..., None].expand(-1, -1, vit.embed_dim))
+        seen = decoder["embed"](vit.norm(vit.blocks(tokens)))
+        full = mask_token.expand(batch_size, n, width).scatter(
+            1, visible[..., None].expand(-1, -1, width), seen)
+        pred = decoder["blocks"](full + decoder_pos)
+        target = patchify(images, DEMO_PATCH)
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) +
+                                                             1e-6).sqrt()
+        masked = torch.ones(batch_size, n).scatter(1, visible, 0)
+        loss = (((pred - target) ** 2).mean(-1) * masked).sum() / masked.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        schedule.step()
+    return vit.eval().requires_grad_(False)
+
+
+def demo_probe(features):
+    """Linear-probe accuracy of pooled features (function: uint8 images -> (B, D)) on the demo's
+    classes: trained on 5,000 images of seed 7, tested on 2,000 of seed 8."""
+    fit, test = (DemoDataset(n, seed) for n, seed in ((5000, 7), (2000, 8)))
+    with torch.no_grad():
+        fit_x, test_x = (torch.cat([features(b) for b in d.images.split(500)]) for d in
+                         (fit, test))
+    return linear_probe(fit_x, fit.labels, test_x, test.labels, DemoDataset.num_classes,
+                        epochs=100, batch_size=1000, lr=1e-2)
 
 
 def demo_encoders(device="cpu"):
-    """The demo's images are used as they are (32 px, [0, 1]): mean 0, std 1."""
-    return [Encoder(DEMO_ENCODER, PatchStats(), DemoDataset.resolution, PatchStats.patch,
-                    *_channels((0, 0, 0), (1, 1, 1), device), PatchStats.embed_dim, 0)]
+    """The demo's alignment target: the MAE ViT, pretrained once and cached. Its inputs are the
+    16 px images in [0, 1] as they are (mean 0, std 1); its features the 64 patch tokens."""
+    def make():
+        print0(f"pretraining the demo's encoder ({DEMO_ENCODER}: MAE, {DEMO_ENCODER_STEPS} steps,"
+               f" once; cached at {demo_cache(DEMO_ENCODER + '.pt')})")
+        vit = pretrain_mae(DEMO_ENCODER_STEPS)
+        probe = demo_probe(lambda b: vit.forward_features(b / 255).mean(1))
+        print0(f"{DEMO_ENCODER}: linear probe on its pooled features {probe:.3f} (chance 0.1)")
+        return vit, {"steps": DEMO_ENCODER_STEPS, "probe": round(probe, 4)}
+    vit = demo_vit()
+    cache_once(DEMO_ENCODER + ".pt", make, vit, every_rank=True)
+    return [Encoder(DEMO_ENCODER, vit.to(device).eval().requires_grad_(False),
+                    DemoDataset.resolution, DEMO_PATCH, *_channels((0, 0, 0), (1, 1, 1), device),
+                    vit.embed_dim, 0)]
 
 
-# --demo: a tiny SiT (size T/4: 6 blocks, width 128) on 32 x 32 pixels in 10 classes. These
+class DemoJudge(nn.Module):
+    """The demo's evaluator, its Inception: a small CNN (another architecture, objective, seed and
+    data than the encoder), trained on the labels. `features` (128-d, before the classifier) give
+    FD_demo; its predictions give the class accuracy of samples."""
+
+    def __init__(self):
+        super().__init__()
+        layers, width = [], 3
+        for out, stride in ((32, 1), (64, 2), (128, 2), (128, 2)):
+            layers += [nn.Conv2d(width, out, 3, stride, 1), nn.BatchNorm2d(out), nn.ReLU()]
+            width = out
+        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classify = nn.Linear(width, DemoDataset.num_classes)
+
+    def features(self, images):  # uint8 (B, 3, 16, 16) -> (B, 128)
+        return self.body(images / 255)
+
+    def forward(self, images):  # -> logits
+        return self.classify(self.features(images))
+
+
+DEMO_JUDGE_STEPS = 600
+
+
+def demo_judge(device="cpu"):
+    """The judge, trained once (cross-entropy, AdamW, cosine; seed 1, images of seed 200) and
+    cached, in eval mode. Its accuracy on held-out images is kept with it. Rank 0 alone judges."""
+    def make():
+        print0(f"training the demo's judge (a CNN on the labels, once; cached at "
+               f"{demo_cache('demo-judge.pt')})")
+        torch.manual_seed(1)
+        g = torch.Generator().manual_seed(1)
+        judge, data = DemoJudge(), DemoDataset(20_000, seed=200)
+        opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=0.05)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, DEMO_JUDGE_STEPS)
+        for _ in range(DEMO_JUDGE_STEPS):
+            rows = torch.randint(0, len(data), (128,), generator=g)
+            loss = F.cross_entropy(judge(data.images[rows]), data.labels[rows])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+        judge.eval()
+        test = DemoDataset(2000, seed=8)
+        with torch.no_grad():
+            accuracy = (judge(test.images).argmax(1) == test.labels).float().mean().item()
+        return judge, {"steps": DEMO_JUDGE_STEPS, "accuracy": round(accuracy, 4)}
+    judge = DemoJudge()
+    info = cache_once("demo-judge.pt", make, judge)
+    return judge.to(device).eval().requires_grad_(False), info
+
+
+# --demo: a tiny SiT (size T/2: 6 blocks, width 128) on 16 x 16 pixels in 10 classes. These
 # replace Config's defaults unless a flag is given; more small steps beat fewer big ones here.
-DEMO = dict(model="T/4", enc_type=DEMO_ENCODER, projector_dim=256, batch_size=32, max_steps=800,
-            lr=1e-3, ema_decay=0.99, log_every=25, ckpt_every=400, latest_every=200,
-            sample_every=400, num_workers=0, exp_name="demo", align_every=200, align_images=256,
+DEMO = dict(model="T/2", enc_type=DEMO_ENCODER, projector_dim=256, batch_size=32, max_steps=1000,
+            lr=2e-3, ema_decay=0.99, log_every=25, ckpt_every=500, latest_every=200,
+            sample_every=500, num_workers=0, exp_name="demo", align_every=250, align_images=500,
             analyze_images=2000)
 DEMO_HELDOUT_SEED = 1  # the demo's alignment is measured on shapes of this seed (training's: 0)
 
@@ -1357,6 +1521,7 @@ class Config:
     them (DEMO)."""
     # what to run (the default is training)
     demo: bool = False          # train on built-in shapes on a CPU; sets the DEMO defaults
+    compare: bool = False       # --demo: vanilla (lambda 0) and REPA, same seed; compare.md/.png
     bench: int = 0              # time this many steps on random data (no dataset, random encoders)
     prepare: str = ""           # ImageNet-style folder to turn into shards at --data-dir
     bench_data: int = 0         # read this many samples from --data-dir, print samples/s
@@ -1476,11 +1641,14 @@ def check_config(cfg, world=1):
     if cfg.encoder_depth > size["depth"]:
         raise UserError(f"--encoder-depth must be at most {size['depth']} for {cfg.model}, "
                         f"got {cfg.encoder_depth}")
+    if cfg.compare and not (cfg.demo and cfg.proj_coeff > 0 and cfg.align_every):
+        raise UserError("--compare trains the demo with and without REPA and measures both: it "
+                        "needs --demo, a --proj-coeff above 0 and --align-every above 0")
     if cfg.demo:
         if cfg.enc_type != DEMO_ENCODER:
             raise UserError(f"--demo aligns to {DEMO_ENCODER}; drop --enc-type")
-        tokens, patches = (DemoDataset.resolution // size["patch_size"]) ** 2, [
-            e.tokens for e in demo_encoders()]
+        tokens = (DemoDataset.resolution // size["patch_size"]) ** 2
+        patches = [(DemoDataset.resolution // DEMO_PATCH) ** 2]
     else:
         names = [parse_encoder(e) for e in cfg.enc_type.split(",")]
         # 224 px DINOv2/CLIP (patch 14) and 256 px DINOv3 (patch 16) give a (R/16)^2 grid
@@ -1489,7 +1657,7 @@ def check_config(cfg, world=1):
     if any(p != tokens for p in patches):
         raise UserError(f"REPA pairs each SiT token with an encoder patch, but {cfg.model} has "
                         f"{tokens} tokens and the encoder {patches[0]} patches: use patch size "
-                        f"{4 if cfg.demo else 2}")
+                        f"{DEMO_PATCH if cfg.demo else 2}")
     if cfg.batch_size % (world * cfg.grad_accum):
         raise UserError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes x "
                         f"{cfg.grad_accum} accumulation steps")
@@ -1926,11 +2094,13 @@ ALIGN_T = 0.5  # the noise level of --align-every's CKNNA: mid-path, where the l
 
 
 class AlignmentLog:
-    """--align-every: CKNNA (k = --knn) between the EMA's hidden states and each encoder's
-    features on one fixed batch (the same images and noise all run, t = 0.5), at block
-    encoder_depth (the aligned one) and at the last block: rows of metrics.jsonl that show a run's
-    alignment rising. The encoders' features are computed once; a measurement is one forward pass
-    of the EMA over the batch, on rank 0, where the grids are drawn, outside the step."""
+    """--align-every: how the EMA's hidden states relate to the encoders' features and to the
+    classes, on one fixed set of images (the same images and noise all run, t = 0.5): CKNNA
+    (k = --knn) at block encoder_depth (the aligned one) and at the last block, and a linear
+    probe's accuracy at the aligned block (trained on the first half of the set, tested on the
+    second): rows of metrics.jsonl that show a run's representation forming. The encoders'
+    features are computed once; a measurement is one forward pass of the EMA over the set, on
+    rank 0, where the grids are drawn, outside the step."""
 
     def __init__(self, run):
         cfg, self.run = run.cfg, run
@@ -1938,7 +2108,7 @@ class AlignmentLog:
         data = DemoDataset(cfg.align_images, seed=DEMO_HELDOUT_SEED) if cfg.demo else run.dataset
         g = torch.Generator().manual_seed(cfg.seed)
         rows = torch.randperm(len(data), generator=g)[:cfg.align_images].sort().values.numpy()
-        images, moments, _ = data.__getitems__(rows)
+        images, moments, self.labels = data.__getitems__(rows)
         self.x = clean_latents(moments, data).to(run.device)
         self.noise = torch.randn(self.x.shape, generator=g).to(run.device)
         self.chunk = max(1, cfg.batch_size // run.world)  # what a training step holds in memory
@@ -1951,15 +2121,57 @@ class AlignmentLog:
 
     @torch.no_grad()
     def measure(self):
-        run = self.run
+        run, aligned = self.run, self.run.model.encoder_depth
         with self.autocast:
             feats = torch.cat([block_features(
                 run.ema, x, torch.full((len(x),), ALIGN_T, device=x.device), eps,
                 run.cfg.path_type) for x, eps in zip(self.x.split(self.chunk),
                                                      self.noise.split(self.chunk))])
+        half, labels = len(feats) // 2, self.labels.to(feats.device)
+        probe = linear_probe(feats[:half, aligned - 1], labels[:half], feats[half:, aligned - 1],
+                             labels[half:], run.model.num_classes, epochs=100, lr=1e-2)
         feats = F.normalize(feats, dim=-1)
-        return {f"cknna/{enc.name}/block{b}": round(cknna(feats[:, b - 1], z, run.cfg.knn), 4)
-                for enc, z in zip(run.encoders, self.targets) for b in self.blocks}
+        return {**{f"cknna/{enc.name}/block{b}": round(cknna(feats[:, b - 1], z, run.cfg.knn), 4)
+                   for enc, z in zip(run.encoders, self.targets) for b in self.blocks},
+                f"probe/block{aligned}": round(probe, 4)}
+
+
+class DemoScore(AlignmentLog):
+    """The demo's --align-every adds the judge's verdict on samples of the EMA (as FID and the
+    paper's samples judge a real run): FD_demo, the Fréchet distance between the judge's features
+    of the samples and of the held-out images (sample.py's FID code), and the share of samples the
+    judge puts in the class they were drawn for. The samples: as many as the held-out images, the
+    classes in turn, the same noise all run, Heun's ODE in 6 steps (11 evaluations), no guidance
+    (the paper's headline FID at 400K steps is without guidance)."""
+
+    def __init__(self, run, num_steps=6):
+        super().__init__(run)
+        import sample  # a lazy import, since sample.py imports this file
+        self.judge, info = demo_judge(run.device)
+        self.sample = sample
+        print0(f"the demo's judge: accuracy {info['accuracy']:.3f} on held-out shapes")
+        with torch.no_grad():
+            real = DemoDataset(run.cfg.align_images, seed=DEMO_HELDOUT_SEED).images
+            self.real = sample.gaussian_statistics(self.judge.features(real.to(run.device)).cpu())
+        g = torch.Generator().manual_seed(run.cfg.seed + 1)
+        n, classes = len(self.x), run.model.num_classes
+        self.sample_labels = (torch.arange(n) % classes).to(run.device)
+        self.sample_noise = torch.randn(self.x.shape, generator=g).to(run.device)
+        self.solver = sample.Solver("ode", num_steps, heun=True, cfg_scale=1.0,
+                                    path_type=run.cfg.path_type)
+
+    @torch.no_grad()
+    def measure(self):
+        run = self.run
+        with self.autocast:
+            x = torch.cat([self.solver(run.ema, z, y) for z, y in zip(
+                self.sample_noise.split(self.chunk * 4), self.sample_labels.split(self.chunk * 4))])
+        images = self.sample.to_uint8(x).permute(0, 3, 1, 2).to(run.device)  # as saved
+        feats = self.judge.features(images)
+        fd = self.sample.frechet_distance(*self.sample.gaussian_statistics(feats.cpu()), *self.real)
+        correct = (self.judge.classify(feats).argmax(1) == self.sample_labels).float().mean()
+        return {"fd_demo": round(float(fd), 3), "class_acc": round(correct.item(), 4),
+                **super().measure()}
 
 
 #################################################################################
@@ -1973,8 +2185,8 @@ def describe(run):
     unused |= set(DEMO_ONLY) - {"enc_type"} if cfg.demo else set()
     unused |= {"path_type", "weighting"} if run.model.learn_sigma else set()  # SiT's only
     shown = {k: v for k, v in asdict(cfg).items() if k not in unused}
-    data = ("demo: procedural shapes in pixel space (no VAE); the alignment target is PatchStats "
-            "(hand-made colour and edge features per patch), not a pretrained encoder"
+    data = (f"demo: procedural shapes in pixel space (no VAE); the alignment target is "
+            f"{DEMO_ENCODER}, a ViT pretrained on the shapes without labels (MAE)"
             if cfg.demo else "random data and random-weight encoders (--bench)" if cfg.bench else
             f"{len(run.dataset):,} images at {run.dataset.resolution} px from {cfg.data_dir}")
     params = sum(p.numel() for p in run.model.parameters())
@@ -2015,7 +2227,8 @@ def train(cfg):
     print0(describe(run) + (f"\nresumed from {path} at step {run.step}" if path else ""))
     data = iter(loader(run.dataset, run.sampler, cfg.num_workers))
     grids = Grids(run) if run.rank == 0 and cfg.sample_every and not cfg.bench else None
-    aligner = AlignmentLog(run) if run.rank == 0 and cfg.align_every and not cfg.bench else None
+    aligner = ((DemoScore if cfg.demo else AlignmentLog)(run)
+               if run.rank == 0 and cfg.align_every and not cfg.bench else None)
     log = Logger(run)
     run.model.train()
     with StopSignal() as stop:
@@ -2051,6 +2264,115 @@ def train(cfg):
                (f", grids in {os.path.join(run.dir, 'samples')}" if grids else "") +
                f". Sample with: python sample.py --ckpt {run.dir}")
     return run
+
+
+#################################################################################
+#        --demo --compare: the paper's speed-up, in miniature (fig. 1 and 4)    #
+#################################################################################
+
+def aligned_block(cfg):
+    """The aligned block of a config: --encoder-depth, or the size table's."""
+    return cfg.encoder_depth or size_config(cfg.model)["encoder_depth"]
+
+
+def metric_curves(folder):
+    """{metric: (steps, values)} of the measurement rows of a run's metrics.jsonl."""
+    curves = {}
+    for line in open(os.path.join(folder, "metrics.jsonl")):
+        row = json.loads(line)
+        if "fd_demo" not in row:  # a loss row
+            continue
+        for key, value in row.items():
+            steps, values = curves.setdefault(key, ([], []))
+            steps.append(row["step"])
+            values.append(value)
+    return curves
+
+
+def steps_to_reach(steps, values, target):
+    """The first step at which a falling curve reaches `target`, interpolated linearly between
+    measurements; None if it never does."""
+    for i, (s, v) in enumerate(zip(steps, values)):
+        if v <= target:
+            if i == 0:
+                return s
+            s0, v0 = steps[i - 1], values[i - 1]
+            return s0 + (s - s0) * (v0 - target) / (v0 - v)
+    return None
+
+
+def plot_compare(curves, metrics, folder, cfg):
+    """compare.png: the four curves, vanilla against REPA, over the grids of both at the last
+    two grid steps, drawn from the same noise."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    grids = sorted(os.listdir(os.path.join(folder, "repa", "samples")))[-2:] if \
+        cfg.sample_every else []
+    fig = plt.figure(figsize=(16, 4 + 4.2 * bool(grids)))
+    rows = 1 + bool(grids)
+    for i, (key, title) in enumerate(metrics.items()):
+        ax = fig.add_subplot(rows, 4, i + 1)
+        for name, style in (("vanilla", "--"), ("REPA", "-")):
+            ax.plot(*curves[name][key], style, marker="o", markersize=3, label=name)
+        ax.set(xlabel="training step", title=title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    for j, (grid, name) in enumerate(itertools.product(grids, ("vanilla", "repa"))):
+        ax = fig.add_subplot(rows, 4, 5 + j)
+        ax.imshow(plt.imread(os.path.join(folder, name, "samples", grid)))
+        ax.set_title(f"{'REPA' if name == 'repa' else name}, step {int(grid[:7])}")
+        ax.axis("off")
+    fig.tight_layout()
+    atomic_write(os.path.join(folder, "compare.png"), lambda f: fig.savefig(f, format="png",
+                                                                           dpi=110))
+    plt.close(fig)
+
+
+def demo_compare(cfg):
+    """Train the vanilla SiT (lambda = 0) and SiT + REPA with the same seed: the same initial
+    weights, data order, noise and steps, so that the alignment term is the only difference.
+    Both are measured by DemoScore every --align-every steps; the report is compare.md (a table and
+    the speed-up: the steps REPA needs to reach vanilla's final FD_demo) and compare.png (the
+    curves, and grids of both from the same noise). A finished run is not trained again."""
+    folder = os.path.join(cfg.results_dir, cfg.exp_name)
+    runs = {"vanilla": replace(cfg, compare=False, proj_coeff=0.0),
+            "REPA": replace(cfg, compare=False)}
+    for name, run_cfg in runs.items():
+        print0(f"--- {name}: lambda = {run_cfg.proj_coeff}")
+        train(replace(run_cfg, exp_name=os.path.join(cfg.exp_name, name.lower())))
+    if int(os.environ.get("RANK", 0)):
+        return
+    curves = {name: metric_curves(os.path.join(folder, name.lower())) for name in runs}
+    aligned = f"probe/block{aligned_block(cfg)}"
+    cknna_key = next(k for k in curves["REPA"] if k.startswith("cknna/") and k.endswith(
+        f"/block{aligned_block(cfg)}"))
+    metrics = {"fd_demo": "FD_demo (lower is better)", "class_acc": "class accuracy of samples",
+               cknna_key: "CKNNA with the encoder, aligned block",
+               aligned: "linear probe, aligned block"}
+    final = "; ".join(f"{m} {curves['vanilla'][m][1][-1]:.4g} -> {curves['REPA'][m][1][-1]:.4g}"
+                      for m in metrics)
+    steps, fd = curves["vanilla"]["fd_demo"]
+    reached = steps_to_reach(*curves["REPA"]["fd_demo"], fd[-1])
+    speedup = (f"REPA reaches vanilla's final FD_demo ({fd[-1]:.1f} at step {steps[-1]}) at step "
+               f"{reached:.0f}: {steps[-1] / reached:.1f}x fewer steps" if reached else
+               f"REPA does not reach vanilla's final FD_demo ({fd[-1]:.1f} at step {steps[-1]}) "
+               f"within {steps[-1]} steps")
+    lines = [f"# --demo --compare, seed {cfg.seed}", "",
+             f"{cfg.model}, {cfg.max_steps} steps of batch {cfg.batch_size}, lambda "
+             f"{cfg.proj_coeff} at block {aligned_block(cfg)}, target {DEMO_ENCODER}; "
+             f"judge: DemoJudge.", "", f"**{speedup}.**", "",
+             f"At step {steps[-1]}, vanilla -> REPA: {final}.", "",
+             "| step | " + " | ".join(f"{m} vanilla | {m} REPA" for m in metrics) + " |",
+             "|---" * (1 + 2 * len(metrics)) + "|"]
+    for i, step in enumerate(steps):
+        cells = [f"{curves[name][m][1][i]:.4g}" for m in metrics for name in runs]
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    atomic_write(os.path.join(folder, "compare.md"), lambda f: f.write("\n".join(lines) + "\n"),
+                 "w")
+    plot_compare(curves, metrics, folder, cfg)
+    print0(speedup + f". Report: {os.path.join(folder, 'compare.md')}, "
+           f"{os.path.join(folder, 'compare.png')}")
 
 
 #################################################################################
@@ -2299,6 +2621,8 @@ def main(argv=None):
             benchmark_reader(cfg)
         elif cfg.analyze:
             analyze_checkpoint(cfg)
+        elif cfg.compare:
+            demo_compare(cfg)
         else:
             if cfg.bench:
                 cfg = replace(cfg, max_steps=cfg.bench, log_every=max(1, cfg.bench // 2))

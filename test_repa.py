@@ -21,6 +21,22 @@ import sample
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def demo_cache(tmp_path_factory):
+    """The demo's encoder and judge, pretrained for 2 steps into a cache of the session's own (also
+    for the subprocesses, through REPA_CACHE): the tests check the machinery, the slow test the
+    real thing."""
+    folder = str(tmp_path_factory.mktemp("repa-cache"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REPA_CACHE", folder)
+        mp.setattr(repa, "DEMO_ENCODER_STEPS", 2)
+        mp.setattr(repa, "DEMO_JUDGE_STEPS", 2)
+        mp.setattr(repa, "demo_probe", lambda features: 0.0)
+        repa.demo_encoders(), repa.demo_judge()
+    os.environ["REPA_CACHE"] = folder
+    yield folder
+
+
 # ---------------------------------------------------------------------------------------------
 # Interpolant: the target v of eq. (2) is the time derivative of the path x_t of eq. (1).
 # ---------------------------------------------------------------------------------------------
@@ -858,16 +874,67 @@ def test_reader_benchmark_prints_samples_per_second(tmp_path):
 
 
 def test_demo_dataset_is_class_conditional_and_in_the_reader_format():
-    data = repa.DemoDataset(n=200)
-    images, moments, labels = data.__getitems__(list(range(200)))
-    assert images.shape == (200, 3, 32, 32) and moments.shape == (200, 6, 32, 32)
-    assert set(labels.tolist()) == set(range(10))
+    data = repa.DemoDataset(n=400)
+    images, moments, labels = data.__getitems__(list(range(400)))
+    assert images.shape == (400, 3, 16, 16) and moments.shape == (400, 6, 16, 16)
+    assert set(labels.tolist()) == set(range(10)) and len(data.class_names) == 10
     torch.testing.assert_close(moments[:, :3], images.float() / 127.5 - 1)
     assert moments[:, 3:].abs().sum() == 0
-    # a class is a shape: the foreground area differs between classes far more than within
-    area = (images.float().mean(1) > 100).float().mean((1, 2))
-    per_class = torch.stack([area[labels == c].mean() for c in range(10)])
+    # the shape is the class: the share of the foreground differs between the classes (a bar
+    # covers far less than a square of the same size) ...
+    # the shape is one flat colour, the background a gradient: the shape is the commonest colour
+    colour = (images.long() * torch.tensor([65536, 256, 1]).view(1, 3, 1, 1)).sum(1).flatten(1)
+    fg = (colour == colour.mode(1).values[:, None]).view(-1, 16, 16).float()
+    per_class = torch.stack([fg.mean((1, 2))[labels == c].mean() for c in range(10)])
     assert per_class.max() > 2 * per_class.min()
+    # ... and everything else varies within a class: position, colour, background
+    disks = labels == 0
+    rows = torch.arange(16.0)
+    centre_y = (fg[disks] * rows[:, None]).sum((1, 2)) / fg[disks].sum((1, 2))
+    assert centre_y.std() > 1 and images[disks].float().mean((2, 3)).std(0).min() > 20
+
+
+def test_patchify_is_the_vit_token_order():
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    tokens = repa.patchify(images, 4)
+    assert tokens.shape == (2, 4, 48)
+    # token 1 is the top-right patch, its values (row, column, channel) in that order
+    torch.testing.assert_close(tokens[1, 1], images[1, :, 0:4, 4:8].permute(1, 2, 0).flatten())
+    # timm's PatchEmbed (a stride-p convolution) sees the same tokens: as a linear map of them
+    vit = repa.demo_vit()
+    x = torch.rand(2, 3, 16, 16)
+    w = vit.patch_embed.proj.weight.permute(0, 2, 3, 1).flatten(1)  # (D, p * p * C)
+    torch.testing.assert_close(vit.patch_embed(x), repa.patchify(x, repa.DEMO_PATCH) @ w.T +
+                               vit.patch_embed.proj.bias, atol=1e-5, rtol=1e-5)
+
+
+def test_the_demo_networks_are_made_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPA_CACHE", str(tmp_path))
+    calls = []
+    def make():
+        calls.append(1)
+        return torch.nn.Linear(2, 3), {"probe": 0.5}
+    first, again = torch.nn.Linear(2, 3), torch.nn.Linear(2, 3)
+    info = repa.cache_once("net.pt", make, first)
+    assert repa.cache_once("net.pt", make, again) == info  # loaded, not made again
+    assert calls == [1] and os.listdir(tmp_path) == ["net.pt"]
+    assert info["probe"] == 0.5 and "seconds" in info
+    torch.testing.assert_close(first.state_dict(), again.state_dict())
+    # a file from another version of the demo: one clear line, and the file is kept
+    with pytest.raises(repa.UserError, match="another version of the demo: delete it"):
+        repa.cache_once("net.pt", make, torch.nn.Linear(2, 4))
+    # the session's encoder and judge: loaded from the cache, frozen, 64 tokens of 96
+    (enc,), (judge, info) = repa.demo_encoders(), repa.demo_judge()
+    assert enc.tokens == 64 and enc.dim == 96 and not enc.model.training
+    assert not any(p.requires_grad for p in [*enc.model.parameters(), *judge.parameters()])
+    assert judge(torch.zeros(5, 3, 16, 16, dtype=torch.uint8)).shape == (5, 10)
+
+
+def test_steps_to_reach_interpolates_between_measurements():
+    steps, values = [100, 200, 300], [50.0, 30.0, 10.0]
+    assert repa.steps_to_reach(steps, values, 20.0) == 250  # halfway from 30 to 10
+    assert repa.steps_to_reach(steps, values, 60.0) == 100  # already at the first measurement
+    assert repa.steps_to_reach(steps, values, 5.0) is None  # never
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1053,6 +1120,8 @@ def test_resume_from_an_official_checkpoint_and_refusal_of_another_experiment(tm
     (["--grad-accum", "0"], "--grad-accum must be at least 1"),
     (["--max-step", "3"], "unrecognized arguments"),
     (["--demo", "--data-dir", "x"], "--demo has its own data"),
+    (["--compare"], "--compare trains the demo with and without REPA"),
+    (["--demo", "--compare", "--proj-coeff", "0"], "needs --demo, a --proj-coeff above 0"),
     (["--path-type", "edm"], "--path-type must be one of")])
 def test_bad_flags_are_one_clear_line(flags, message):
     with pytest.raises(SystemExit):
@@ -1188,7 +1257,7 @@ def test_each_micro_batch_draws_from_the_seed_of_its_step_and_slot(monkeypatch):
     expected = []
     for step, slot in [(0, 0), (0, 1), (1, 0), (1, 1)]:
         torch.manual_seed(repa.step_seed(3, step, slot))
-        torch.randn(2, 3, 32, 32)
+        torch.randn(2, 3, 16, 16)
         expected.append(torch.rand(2))
     assert all(torch.equal(a, b) for a, b in zip(seen, expected))
     assert len({repa.step_seed(3, s, m) for s in range(100) for m in range(8)}) == 800
@@ -1252,13 +1321,13 @@ def test_grids_are_the_ema_with_fixed_noise_at_step_1_and_every_n(tmp_path):
     ckpt = repa.load_checkpoint(str(tmp_path / "demo" / "checkpoints" / "0000004.pt"))
     ema = repa.SiT(**ckpt["model_kwargs"])
     repa.load_sit_weights(ema, ckpt["ema"])
-    noise = torch.randn(40, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(40, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(10).repeat_interleave(4)
     x = sample.sample_ode(ema.eval(), noise, labels, num_steps=50, cfg_scale=4.0)
     images = sample.decode(x, None)
     grid = np.asarray(Image.open(samples / "0000004.png"))
     assert grid.shape == (10 * 66, 56 + 4 * 66, 3)  # every class a row, 4 columns at 64 px
-    tile = grid[66 * 3:66 * 3 + 64:2, 56 + 66 * 2:56 + 66 * 2 + 64:2]  # class 3, column 2
+    tile = grid[66 * 3:66 * 3 + 64:4, 56 + 66 * 2:56 + 66 * 2 + 64:4]  # class 3, column 2
     assert np.array_equal(tile, images[3 * 4 + 2].numpy())
 
 
@@ -1327,7 +1396,7 @@ def test_bad_checkpoint_files_are_one_sentence(tmp_path):
 
 def test_help_shows_defaults_and_what_demo_changes():
     out = run_repa("--help")
-    assert "--lr LR" in out.stdout and "(default 0.0001; --demo: 0.001)" in " ".join(
+    assert "--lr LR" in out.stdout and "(default 0.0001; --demo: 0.002)" in " ".join(
         out.stdout.split())
     text = " ".join(subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--help"],
                                    capture_output=True, text=True, cwd=HERE).stdout.split())
@@ -1353,10 +1422,10 @@ def test_dit_trains_with_the_ddpm_loss_and_samples_with_ddpm(tmp_path, monkeypat
     monkeypatch.setattr(repa, "ddpm_loss", lambda *a, **k: seen.append(len(a[3])) or ddpm_loss(
         *a, **k))
     monkeypatch.setattr(repa, "repa_loss", None)  # not called for a DiT
-    run = repa.train(repa.parse_args([*DEMO_FAST, "--model", "DiT-T/4", "--max-steps", "2",
+    run = repa.train(repa.parse_args([*DEMO_FAST, "--model", "DiT-T/2", "--max-steps", "2",
                                       "--results-dir", str(tmp_path)]))
     assert seen == [1, 1] and run.model_kwargs["learn_sigma"] and run.model.learn_sigma
-    assert "DiT 1,992,552 parameters" in capsys.readouterr().out
+    assert "DiT 2,001,272 parameters" in capsys.readouterr().out
     monkeypatch.setattr(sample, "sample_ddpm", lambda *a: seen.append(a[3:]) or ddpm(*a))
     assert os.path.isfile(repa.Grids(run, per_class=1, num_steps=3).write())
     assert seen[-1][:4] == (3, 4.0, 0.0, 1.0) and seen[-1][4] is not None  # seeded noise
@@ -1844,13 +1913,21 @@ def test_no_vae_offline_is_one_line(tmp_path):
 @pytest.mark.slow
 def test_demo_trains_and_both_losses_fall(tmp_path):
     import json
-    out = run_repa("--demo", "--results-dir", str(tmp_path), timeout=900)
+    cache = tmp_path / "cache"  # its own: the real encoder and judge are pretrained here
+    out = run_repa("--demo", "--results-dir", str(tmp_path), env={"REPA_CACHE": str(cache)},
+                   timeout=1200)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "not a pretrained encoder" in out.stdout  # the demo says what it aligns to
+    assert "pretrained on the shapes without labels" in out.stdout  # what it aligns to
+    encoder = torch.load(cache / "demo-mae-vit.pt", weights_only=True)["info"]
+    judge = torch.load(cache / "demo-judge.pt", weights_only=True)["info"]
+    assert encoder["probe"] > 0.12 and judge["accuracy"] > 0.7  # chance: 0.1
     rows = [json.loads(l) for l in open(tmp_path / "demo" / "metrics.jsonl")]
-    every = repa.DEMO["align_every"]  # and its alignment rows (--align-every) in the same file
-    assert [r["step"] for r in rows if "cknna/demo-patchstats/block2" in r] == list(
-        range(every, repa.DEMO["max_steps"] + 1, every))
+    every = repa.DEMO["align_every"]  # and its measurements (--align-every) in the same file
+    scores = [r for r in rows if "fd_demo" in r]
+    assert [r["step"] for r in scores] == list(range(every, repa.DEMO["max_steps"] + 1, every))
+    assert scores[-1]["fd_demo"] < 0.5 * scores[0]["fd_demo"]
+    # aligned: measured 0.23 at block 2 (a vanilla run of the same seed: 0.16)
+    assert scores[-1]["cknna/demo-mae-vit/block2"] > 0.2
     rows = [r for r in rows if "loss" in r]
     first, last = rows[0], rows[-1]
     assert last["step"] == repa.DEMO["max_steps"]
@@ -1858,9 +1935,41 @@ def test_demo_trains_and_both_losses_fall(tmp_path):
     assert os.path.isfile(tmp_path / "demo" / "checkpoints" / f"{last['step']:07d}.pt")
     # and its samples: a grid on the CPU in under a minute
     grid = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--ckpt",
-                           str(tmp_path / "demo")], capture_output=True, text=True, timeout=60)
+                           str(tmp_path / "demo")], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "REPA_CACHE": str(cache)})
     assert grid.returncode == 0, grid.stderr[-2000:]
     assert any(f.endswith("-grid.png") for f in os.listdir(tmp_path / "demo" / "samples"))
+
+
+def test_compare_trains_both_from_the_same_start_and_reports(tmp_path, monkeypatch, capsys):
+    import json
+    monkeypatch.setattr(repa.Grids.__init__, "__defaults__", (1, 2, 4.0))  # cheap grids
+    repa.main(["--demo", "--compare", "--results-dir", str(tmp_path), "--max-steps", "2",
+               "--batch-size", "8", "--log-every", "1", "--align-every", "1", "--align-images",
+               "40", "--sample-every", "2", "--ckpt-every", "2"])
+    rows = {name: [json.loads(l) for l in open(tmp_path / "demo" / name / "metrics.jsonl")]
+            for name in ("vanilla", "repa")}
+    losses = {name: [r for r in r_ if "loss" in r] for name, r_ in rows.items()}
+    # the same weights, data and noise: the first step's losses are equal; the second is not,
+    # since only REPA's first update followed the alignment term
+    assert losses["vanilla"][0]["loss"] == losses["repa"][0]["loss"]
+    assert losses["vanilla"][0]["align"] == losses["repa"][0]["align"]
+    assert losses["vanilla"][1]["loss"] != losses["repa"][1]["loss"]
+    for name in rows:
+        config = json.load(open(tmp_path / "demo" / name / "config.json"))["config"]
+        assert config["proj_coeff"] == (0.0 if name == "vanilla" else 0.5)
+        scores = [r for r in rows[name] if "fd_demo" in r]
+        assert [r["step"] for r in scores] == [1, 2]
+        assert {"class_acc", "probe/block2", "cknna/demo-mae-vit/block2"} <= set(scores[0])
+    report = open(tmp_path / "demo" / "compare.md").read()
+    assert report.count("\n| 1 | ") == 1 and report.count("\n| 2 | ") == 1
+    assert "vanilla's final FD_demo" in report and "REPA" in capsys.readouterr().out
+    assert os.path.getsize(tmp_path / "demo" / "compare.png") > 10_000
+    # run again: nothing is trained, the report is written again
+    before = os.path.getmtime(tmp_path / "demo" / "repa" / "checkpoints" / "0000002.pt")
+    repa.main(["--demo", "--compare", "--results-dir", str(tmp_path), "--max-steps", "2",
+               "--batch-size", "8", "--align-every", "1", "--align-images", "40"])
+    assert os.path.getmtime(tmp_path / "demo" / "repa" / "checkpoints" / "0000002.pt") == before
 
 
 # ======================================================================================
@@ -2365,15 +2474,16 @@ def test_analyze_runs_end_to_end_on_the_demo_and_training_logs_alignment(tmp_pat
                      "64", "--results-dir", str(tmp_path))
     assert train.returncode == 0, train.stderr[-2000:]
     rows = [json.loads(l) for l in open(tmp_path / "demo" / "metrics.jsonl")]
-    logged = [r for r in rows if "cknna/demo-patchstats/block2" in r]
-    assert [r["step"] for r in logged] == [1, 2] and "cknna/demo-patchstats/block6" in logged[0]
+    logged = [r for r in rows if "cknna/demo-mae-vit/block2" in r]
+    assert [r["step"] for r in logged] == [1, 2] and "cknna/demo-mae-vit/block6" in logged[0]
+    assert 0 <= logged[0]["probe/block2"] <= 1 and logged[0]["fd_demo"] > 0  # and the judge's
     out = run_repa("--demo", "--analyze", str(tmp_path / "demo"), "--analyze-images", "48",
                    "--analyze-t", "0,0.5", "--probe-epochs", "1", "--results-dir", str(tmp_path))
     assert out.returncode == 0, out.stderr[-2000:]
     folder = tmp_path / "demo" / "analysis" / "0000002"
     result = json.load(open(folder / "analysis.json"))
     assert result["images"] == 48 and result["t"] == [0.0, 0.5] and result["knn"] == 10
-    assert [len(v) for v in result["probe"].values()] == [6, 6]  # T/4 has 6 blocks
+    assert [len(v) for v in result["probe"].values()] == [6, 6]  # T/2 has 6 blocks
     (enc,) = result["encoders"].values()
     assert all(-1 <= c <= 1 for v in enc["cknna"].values() for c in v) and len(enc["cknna"]) == 2
     assert open(folder / "analysis.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
