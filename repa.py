@@ -29,7 +29,7 @@ Glossary: h_phi = projector (one per encoder); encoder_depth = the block whose o
 Commands
 --------
   pip install -r requirements.txt && python -m pytest -q test_repa.py       # set up and test
-  python repa.py --demo                              # REPA on built-in shapes, CPU, ~8 minutes
+  python repa.py --demo                              # REPA on built-in shapes, CPU, ~8 min
   python repa.py --demo --compare                    # vanilla vs REPA on them: compare.md / .png
   torchrun --nproc_per_node=8 repa.py --prepare IMAGENET/train --data-dir data/imagenet256
   torchrun --nproc_per_node=8 repa.py --model XL/2 --data-dir data/imagenet256   # the paper

@@ -908,7 +908,7 @@ def test_patchify_is_the_vit_token_order():
                                vit.patch_embed.proj.bias, atol=1e-5, rtol=1e-5)
 
 
-def test_the_demo_networks_are_made_once_and_cached(tmp_path, monkeypatch):
+def test_the_demo_networks_are_made_once_and_cached(tmp_path, monkeypatch, demo_cache):
     monkeypatch.setenv("REPA_CACHE", str(tmp_path))
     calls = []
     def make():
@@ -924,6 +924,7 @@ def test_the_demo_networks_are_made_once_and_cached(tmp_path, monkeypatch):
     with pytest.raises(repa.UserError, match="another version of the demo: delete it"):
         repa.cache_once("net.pt", make, torch.nn.Linear(2, 4))
     # the session's encoder and judge: loaded from the cache, frozen, 64 tokens of 96
+    monkeypatch.setenv("REPA_CACHE", demo_cache)
     (enc,), (judge, info) = repa.demo_encoders(), repa.demo_judge()
     assert enc.tokens == 64 and enc.dim == 96 and not enc.model.training
     assert not any(p.requires_grad for p in [*enc.model.parameters(), *judge.parameters()])
