@@ -2344,11 +2344,11 @@ def last_logged_step(log):
 
 
 def train_side_by_side(cfgs, threads):
-    """Train the runs at once, each in a child process with `threads` threads, on a CPU: a model
-    this small uses a second thread poorly: on 2 cores each of the two runs of --compare trains
-    side by side at 75 images/s, as fast as one alone with both threads, so the pair takes half
-    the time. The demo's encoder and judge are made first, once. SIGINT / SIGTERM are passed on to the children, which save and stop.
-    Returns whether both finished."""
+    """Train the runs at once, each in a child process with `threads` threads, on a CPU. A model
+    this small uses a second thread poorly: on 2 cores each run of --compare trains side by side
+    at 75 images/s, as fast as one alone with both threads, so the pair takes half the time. The
+    demo's encoder and judge are made first, once (not twice, racing). SIGINT / SIGTERM are
+    passed on to the children, which save and stop. Returns whether both finished."""
     demo_encoders(), demo_judge()
     context = torch.multiprocessing.get_context("spawn")
     children = [context.Process(target=train_in_child, args=(c, threads)) for c in cfgs]
