@@ -941,6 +941,15 @@ def test_the_demo_networks_are_made_once_and_cached(tmp_path, monkeypatch, demo_
     monkeypatch.setenv("REPA_CACHE", demo_cache)
     (enc,), (judge, info) = repa.demo_encoders(), repa.demo_judge()
     assert enc.tokens == 64 and enc.dim == 96 and not enc.model.training
+    # its tokens are standardized in each channel over (the first 2,000 of) the images it was
+    # pretrained on, so the alignment target is not one shared direction
+    with torch.no_grad():
+        images = repa.DemoDataset(20_000, seed=100).images[:2000]
+        tokens = enc.model.forward_features(images / 255)
+    torch.testing.assert_close(tokens.mean((0, 1)), torch.zeros(96), atol=1e-4, rtol=0)
+    torch.testing.assert_close(tokens.std((0, 1)), torch.ones(96), atol=1e-4, rtol=0)
+    z = torch.nn.functional.normalize(tokens.flatten(0, 1), dim=-1)
+    assert z.mean(0).square().sum() < 0.05  # the mean cosine of two tokens (before: 0.82)
     assert not any(p.requires_grad for p in [*enc.model.parameters(), *judge.parameters()])
     assert judge(torch.zeros(5, 3, 16, 16, dtype=torch.uint8)).shape == (5, 10)
 
@@ -1125,7 +1134,7 @@ def test_resume_from_an_official_checkpoint_and_refusal_of_another_experiment(tm
     # the same run folder with another method: one line, and the checkpoint is kept
     out = run_repa(*DEMO_FAST, "--max-steps", "4", "--proj-coeff", "1.0",
                    "--results-dir", str(tmp_path / "a"))
-    assert out.returncode == 2 and "another experiment (proj_coeff 2.0 -> 1.0)" in out.stderr
+    assert out.returncode == 2 and "another experiment (proj_coeff 0.5 -> 1.0)" in out.stderr
     assert out.stderr.strip().count("\n") == 0
     assert os.listdir(tmp_path / "a" / "demo" / "checkpoints") == ["0000002.pt"]
 
@@ -1973,7 +1982,7 @@ def test_compare_trains_both_from_the_same_start_and_reports(tmp_path, capsys):
     assert losses["repa"][1]["align"] < losses["vanilla"][1]["align"] - 0.01
     for name in rows:
         config = json.load(open(tmp_path / "demo" / name / "config.json"))["config"]
-        assert config["proj_coeff"] == (0.0 if name == "vanilla" else repa.DEMO["proj_coeff"])
+        assert config["proj_coeff"] == (0.0 if name == "vanilla" else repa.Config.proj_coeff)
         scores = [r for r in rows[name] if "fd_demo" in r]
         assert [r["step"] for r in scores] == [1, 2]
         assert {"class_acc", "probe/block2", "cknna/demo-simclr-vit/block2"} <= set(scores[0])
