@@ -974,6 +974,7 @@ def weights(path):
                   **{"ema." + k: v for k, v in ckpt["ema"].items()}}
 
 
+@pytest.mark.slow
 def test_one_ddp_step_on_two_processes_equals_accumulation(tmp_path):
     a = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                         "--standalone", os.path.join(HERE, "repa.py"), *DEMO_FAST,
@@ -989,6 +990,7 @@ def test_one_ddp_step_on_two_processes_equals_accumulation(tmp_path):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path):
     full = run_repa(*DEMO_FAST, "--max-steps", "6", "--results-dir", str(tmp_path / "full"))
     half = run_repa(*DEMO_FAST, "--max-steps", "3", "--results-dir", str(tmp_path / "half"))
@@ -1084,6 +1086,7 @@ def test_resume_from_a_checkpoint_for_another_model_is_one_line(tmp_path):
     assert out.stderr.strip().count("\n") == 0
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path):
     ok = run_repa(*DEMO_FAST, "--max-steps", "2", "--results-dir", str(tmp_path))
     assert ok.returncode == 0
@@ -1120,6 +1123,7 @@ def test_a_non_finite_loss_is_never_saved(tmp_path):
     assert not os.path.exists(ckpts) or not os.listdir(ckpts)
 
 
+@pytest.mark.slow
 def test_resume_from_an_official_checkpoint_and_refusal_of_another_experiment(tmp_path):
     import argparse
     first = run_repa(*DEMO_FAST, "--max-steps", "2", "--results-dir", str(tmp_path / "a"))
@@ -1368,6 +1372,7 @@ def test_wandb_logs_offline_next_to_metrics(tmp_path):
     assert len(open(tmp_path / "demo" / "metrics.jsonl").readlines()) == 2  # still the truth
 
 
+@pytest.mark.slow
 def test_a_finished_run_says_so_and_changes_nothing(tmp_path):
     first = run_repa(*DEMO_FAST, "--max-steps", "2", "--results-dir", str(tmp_path))
     assert first.returncode == 0 and "done: 2 steps" in first.stdout
@@ -1891,6 +1896,7 @@ def run_cli(args, env=None, nproc=None):
                           capture_output=True, text=True, cwd=HERE, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_fid_run_on_two_processes_writes_npz_and_resumes(tmp_path):
     from diffusers.models import AutoencoderKL
     torch.manual_seed(0)  # a tiny random SD-VAE shape: 16 x 16 images <-> 8 x 8 x 4 latents
@@ -1938,22 +1944,22 @@ def test_no_vae_offline_is_one_line(tmp_path):
 def test_demo_trains_and_both_losses_fall(tmp_path):
     import json
     cache = tmp_path / "cache"  # its own: the real encoder and judge are pretrained here
-    steps = 600  # half the demo's steps, to keep CI short; the run is the demo's until then
+    steps = 500  # half the demo's steps, to keep CI short; the run is the demo's until then
     out = run_repa("--demo", "--max-steps", str(steps), "--results-dir", str(tmp_path),
                    env={"REPA_CACHE": str(cache)}, timeout=1200)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "pretrained on the shapes without labels" in out.stdout  # what it aligns to
     encoder = torch.load(cache / "demo-simclr-vit.pt", weights_only=True)["info"]
     judge = torch.load(cache / "demo-judge.pt", weights_only=True)["info"]
-    assert encoder["probe"] > 0.35 and judge["accuracy"] > 0.7  # measured 0.48, 0.96; chance 0.1
+    assert encoder["probe"] > 0.35 and judge["accuracy"] > 0.7  # measured 0.43, 0.96; chance 0.1
     rows = [json.loads(l) for l in open(tmp_path / "demo" / "metrics.jsonl")]
     every = repa.DEMO["align_every"]  # and its measurements (--align-every) in the same file
     scores = [r for r in rows if "fd_demo" in r]
     assert [r["step"] for r in scores] == list(range(every, steps + 1, every))
     assert scores[-1]["fd_demo"] < 0.5 * scores[0]["fd_demo"]
-    # aligned: at step 600, 0.087 / 0.107 / 0.119 at block 2 for seeds 0 / 1 / 2 (vanilla runs
-    # of the same seeds: 0.073 / 0.078 / 0.098)
-    assert scores[-1]["cknna/demo-simclr-vit/block2"] > 0.08
+    # aligned: at step 500, 0.101 / 0.117 / 0.111 at block 2 for seeds 0 / 1 / 2 (vanilla runs
+    # of the same seeds: 0.063 / 0.077 / 0.083)
+    assert scores[-1]["cknna/demo-simclr-vit/block2"] > 0.09
     rows = [r for r in rows if "loss" in r]
     first, last = rows[0], rows[-1]
     assert last["step"] == steps
@@ -1967,6 +1973,7 @@ def test_demo_trains_and_both_losses_fall(tmp_path):
     assert any(f.endswith("-grid.png") for f in os.listdir(tmp_path / "demo" / "samples"))
 
 
+@pytest.mark.slow
 def test_compare_trains_both_from_the_same_start_and_reports(tmp_path, capsys):
     import json
     repa.main(["--demo", "--compare", "--results-dir", str(tmp_path), "--max-steps", "2",
@@ -2528,6 +2535,7 @@ def test_official_files_of_ijepa_and_mae_load(tmp_path, name, arch, layout):
     assert repa.encode([enc], x)[0].shape == (1, 256, 48)
 
 
+@pytest.mark.slow
 def test_analyze_runs_end_to_end_on_the_demo_and_training_logs_alignment(tmp_path):
     import json
     train = run_repa(*DEMO_FAST, "--max-steps", "2", "--align-every", "1", "--align-images",
