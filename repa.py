@@ -1385,15 +1385,15 @@ def demo_vit():
     tokens as the demo SiT (64), no CLS token, width 96, 4 blocks; its patch embedding is a small
     convolutional stem (Xiao et al. 2021, "Early convolutions help transformers see better"). With
     the plain linear patch embedding, 300 steps of the same pretraining gave a linear probe of 0.16
-    where the stem gave 0.46.
-    Its tokens leave through `Standardize` (the identity until pretrain_simclr sets it)."""
+    where the stem gave 0.46. Its tokens leave through `Standardize`, the identity until
+    pretrain_simclr sets it (timm's final norm is unused with global_pool="avg")."""
     import timm
     vit = timm.models.vision_transformer.VisionTransformer(
         img_size=DemoDataset.resolution, patch_size=DEMO_PATCH, embed_dim=96, depth=4, num_heads=3,
         num_classes=0, class_token=False, global_pool="avg")
     vit.patch_embed.proj = nn.Sequential(nn.Conv2d(3, 48, 3, 1, 1), nn.BatchNorm2d(48), nn.ReLU(),
                                          nn.Conv2d(48, vit.embed_dim, 3, DEMO_PATCH, 1))
-    vit.norm = Standardize(vit.embed_dim)  # timm's final norm, unused with global_pool="avg"
+    vit.norm = Standardize(vit.embed_dim)
     return vit
 
 
