@@ -821,6 +821,19 @@ def run_repa(*args, env=None, timeout=300):
                           timeout=timeout, cwd=HERE)
 
 
+def cli(capsys, *args):
+    """(exit code, stdout, stderr) of repa's command line run in this process: for checks of
+    one-line errors, which need no new interpreter (about 7 s of imports each here). The real
+    `python repa.py` is run by the tests that use run_repa."""
+    capsys.readouterr()
+    try:
+        repa.main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return (code, *capsys.readouterr())
+
+
 def test_prepare_from_the_command_line(tmp_path):
     src, vae = image_folder(tmp_path / "src"), tiny_vae(tmp_path / "vae")
     out = run_repa("--prepare", str(src), "--data-dir", str(tmp_path / "o"), "--vae", vae,
@@ -1151,11 +1164,9 @@ def test_resume_from_an_official_checkpoint_and_refusal_of_another_experiment(tm
     (["--compare"], "--compare trains the demo with and without REPA"),
     (["--demo", "--compare", "--proj-coeff", "0"], "needs --demo, a --proj-coeff above 0"),
     (["--path-type", "edm"], "--path-type must be one of")])
-def test_bad_flags_are_one_clear_line(flags, message):
-    with pytest.raises(SystemExit):
-        repa.parse_args(flags)
-    out = run_repa(*flags)
-    assert out.returncode == 2 and message in out.stderr
+def test_bad_flags_are_one_clear_line(flags, message, capsys):
+    code, out, err = cli(capsys, *flags)
+    assert code == 2 and message in err, err
 
 
 def test_reader_benchmark_never_fills_a_folder_that_has_data(tmp_path):
@@ -1401,11 +1412,11 @@ def test_a_finished_run_says_so_and_changes_nothing(tmp_path):
     (["--encoder-depth", "29"], "--encoder-depth must be at most 28 for XL/2"),
     (["--model", "XL/4"], "has 64 tokens and the encoder 256 patches: use patch size 2"),
     (["--resolution", "300"], "--resolution must be 256 or 512")])
-def test_bad_values_are_one_line_before_any_data_is_read(flags, message):
+def test_bad_values_are_one_line_before_any_data_is_read(flags, message, capsys):
     # the default --data-dir does not exist: the value must be named, not the missing dataset
-    out = run_repa(*flags)
-    assert out.returncode == 2 and message in out.stderr, out.stderr
-    assert out.stderr.count("\n") == 1 and out.stdout == ""
+    code, out, err = cli(capsys, *flags)
+    assert code == 2 and message in err, err
+    assert err.count("\n") == 1 and out == ""
 
 
 def test_bad_checkpoint_files_are_one_sentence(tmp_path):
@@ -1423,12 +1434,13 @@ def test_bad_checkpoint_files_are_one_sentence(tmp_path):
         assert out.returncode == 2 and says in out.stderr and out.stderr.count("\n") == 1
 
 
-def test_help_shows_defaults_and_what_demo_changes():
-    out = run_repa("--help")
-    assert "--lr LR" in out.stdout and "(default 0.0001; --demo: 0.002)" in " ".join(
-        out.stdout.split())
-    text = " ".join(subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--help"],
-                                   capture_output=True, text=True, cwd=HERE).stdout.split())
+def test_help_shows_defaults_and_what_demo_changes(capsys):
+    code, out, _ = cli(capsys, "--help")
+    assert code == 0 and "--lr LR" in out
+    assert "(default 0.0001; --demo: 0.002)" in " ".join(out.split())
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
     for flag, default in [("--mode", "''"), ("--cfg-scale", "1.8"), ("--guidance-low", "0.0"),
                           ("--guidance-high", "-1.0"), ("--per-class", "4")]:
         entry = f"{flag} {flag[2:].replace('-', '_').upper()} "  # the help entry, not the usage
