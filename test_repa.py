@@ -1003,7 +1003,6 @@ def test_one_ddp_step_on_two_processes_equals_accumulation(tmp_path):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-@pytest.mark.slow
 def test_resume_is_exact(tmp_path):
     full = run_repa(*DEMO_FAST, "--max-steps", "6", "--results-dir", str(tmp_path / "full"))
     half = run_repa(*DEMO_FAST, "--max-steps", "3", "--results-dir", str(tmp_path / "half"))
@@ -1018,7 +1017,6 @@ def test_resume_is_exact(tmp_path):
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
 
 
-@pytest.mark.slow  # tens of seconds: CI runs it with the slow tests
 def test_sigterm_saves_exits_zero_and_resumes_like_an_unbroken_run(tmp_path):
     import signal
     import time
