@@ -2373,8 +2373,8 @@ def last_logged_step(log):
 def train_side_by_side(cfgs, threads):
     """Train the runs at once, each in a child process with `threads` threads, on a CPU. A model
     this small uses a second thread poorly: on 2 cores each run of --compare trains side by side
-    at about 63 images/s, one alone with both threads at about 75, so the pair takes 60% of the
-    time. The demo's encoder and judge are made first, once (not twice, racing). SIGINT and
+    at 63-74 images/s (the machine's load varies), one alone with both threads at about 75, so the
+    pair takes 50-60% of the time. The demo's encoder and judge are made first, once (not twice, racing). SIGINT and
     SIGTERM are passed on to the children, which save and stop. Returns whether both finished."""
     demo_encoders(), demo_judge()
     context = torch.multiprocessing.get_context("spawn")
