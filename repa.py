@@ -2324,6 +2324,19 @@ def steps_to_reach(steps, values, target):
     return None
 
 
+def speedups(vanilla, repa):
+    """The speed-up read along a run: for each of vanilla's measurements (step s, FD_demo v) of
+    (steps, values) curves, s over the step at which REPA, measured up to s, reached v; None
+    where it had not. The last is compare.md's headline."""
+    (steps, values), (repa_steps, repa_values) = vanilla, repa
+    out = []
+    for s, v in zip(steps, values):
+        k = sum(r <= s for r in repa_steps)
+        reached = steps_to_reach(repa_steps[:k], repa_values[:k], v)
+        out.append(s / reached if reached else None)
+    return out
+
+
 def plot_compare(curves, metrics, folder, cfg):
     """compare.png: the four curves, vanilla against REPA, over the grids of both at the last
     two grid steps, drawn from the same noise."""
@@ -2410,8 +2423,9 @@ def demo_compare(cfg):
     """Train the vanilla SiT (lambda = 0) and SiT + REPA with the same seed: the same initial
     weights, data order, noise and steps, so that the alignment term is the only difference.
     Both are measured by DemoScore every --align-every steps; the report is compare.md (a table and
-    the speed-up: the steps REPA needs to reach vanilla's final FD_demo) and compare.png (the
-    curves, and grids of both from the same noise). A finished run is not trained again."""
+    the speed-up: the steps REPA needs to reach vanilla's final FD_demo, and at every
+    measurement) and compare.png (the curves, and grids of both from the same noise). A finished
+    run is not trained again."""
     folder = os.path.join(cfg.results_dir, cfg.exp_name)
     runs = {name: replace(cfg, compare=False, proj_coeff=coeff,
                           exp_name=os.path.join(cfg.exp_name, name.lower()))
@@ -2437,7 +2451,8 @@ def demo_compare(cfg):
     final = "; ".join(f"{m} {curves['vanilla'][m][1][-1]:.4g} -> {curves['REPA'][m][1][-1]:.4g}"
                       for m in metrics)
     steps, fd = curves["vanilla"]["fd_demo"]
-    reached = steps_to_reach(*curves["REPA"]["fd_demo"], fd[-1])
+    ups = speedups(curves["vanilla"]["fd_demo"], curves["REPA"]["fd_demo"])
+    reached = steps[-1] / ups[-1] if ups[-1] else None
     speedup = (f"REPA reaches vanilla's final FD_demo ({fd[-1]:.1f} at step {steps[-1]}) at step "
                f"{reached:.0f}: {steps[-1] / reached:.1f}x fewer steps" if reached else
                f"REPA does not reach vanilla's final FD_demo ({fd[-1]:.1f} at step {steps[-1]}) "
@@ -2447,10 +2462,13 @@ def demo_compare(cfg):
              f"{cfg.proj_coeff} at block {block}, target {DEMO_ENCODER}; "
              f"judge: DemoJudge.", "", f"**{speedup}.**", "",
              f"At step {steps[-1]}, vanilla -> REPA: {final}.", "",
-             "| step | " + " | ".join(f"{m} vanilla | {m} REPA" for m in metrics) + " |",
-             "|---" * (1 + 2 * len(metrics)) + "|"]
+             "speed-up: a row's step over the step at which REPA reached vanilla's FD_demo of "
+             "that row.", "",
+             "| step | " + " | ".join(f"{m} vanilla | {m} REPA" for m in metrics) +
+             " | speed-up |", "|---" * (2 + 2 * len(metrics)) + "|"]
     for i, step in enumerate(steps):
         cells = [f"{curves[name][m][1][i]:.4g}" for m in metrics for name in runs]
+        cells.append(f"{ups[i]:.2f}x" if ups[i] else "none")
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
     atomic_write(os.path.join(folder, "compare.md"), lambda f: f.write("\n".join(lines) + "\n"),
                  "w")

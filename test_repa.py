@@ -974,6 +974,15 @@ def test_steps_to_reach_interpolates_between_measurements():
     assert repa.steps_to_reach(steps, values, 5.0) is None  # never
 
 
+def test_speedups_read_along_the_run_use_only_what_repa_had_measured_by_then():
+    vanilla = ([100, 200, 300, 400], [50.0, 30.0, 20.0, 5.0])
+    repa_ = ([100, 200, 300, 400], [60.0, 20.0, 25.0, 6.0])
+    # 100: REPA's 60 has not reached 50 (its 20 at step 200 comes later); 200: 30 is reached
+    # between 100 and 200, at 100 + 100 * (60 - 30) / (60 - 20) = 175; 300: 20 at step 200;
+    # 400: 5 never
+    assert repa.speedups(vanilla, repa_) == [None, 200 / 175, 1.5, None]
+
+
 # ---------------------------------------------------------------------------------------------
 # Training: DDP equals accumulation; a resume (also after SIGTERM) continues exactly;
 # checkpoints are atomic and in the official layout; bad input is one clear line.
@@ -2005,6 +2014,7 @@ def test_compare_trains_both_from_the_same_start_and_reports(tmp_path, capsys):
         assert {"class_acc", "probe/block2", "cknna/demo-simclr-vit/block2"} <= set(scores[0])
     report = open(tmp_path / "demo" / "compare.md").read()
     assert report.count("\n| 1 | ") == 1 and report.count("\n| 2 | ") == 1
+    assert all(row.count("|") == 11 for row in report.splitlines() if row.startswith("| "))
     assert "vanilla's final FD_demo" in report and "REPA" in capsys.readouterr().out
     assert os.path.getsize(tmp_path / "demo" / "compare.png") > 10_000
     # run again: nothing is trained, the report is written again
