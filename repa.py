@@ -2387,8 +2387,9 @@ def train_side_by_side(cfgs, threads):
     """Train the runs at once, each in a child process with `threads` threads, on a CPU. A model
     this small uses a second thread poorly: on 2 cores each run of --compare trains side by side
     at 63-74 images/s (the machine's load varies), one alone with both threads at about 75, so the
-    pair takes 50-60% of the time. The demo's encoder and judge are made first, once (not twice, racing). SIGINT and
-    SIGTERM are passed on to the children, which save and stop. Returns whether both finished."""
+    pair takes 50-60% of the time. The demo's encoder and judge are made first, once (not twice,
+    racing). SIGINT and SIGTERM are passed on to the children, which save and stop. Returns
+    whether both finished."""
     demo_encoders(), demo_judge()
     context = torch.multiprocessing.get_context("spawn")
     children = [context.Process(target=train_in_child, args=(c, threads)) for c in cfgs]
@@ -2452,9 +2453,8 @@ def demo_compare(cfg):
                       for m in metrics)
     steps, fd = curves["vanilla"]["fd_demo"]
     ups = speedups(curves["vanilla"]["fd_demo"], curves["REPA"]["fd_demo"])
-    reached = steps[-1] / ups[-1] if ups[-1] else None
     speedup = (f"REPA reaches vanilla's final FD_demo ({fd[-1]:.1f} at step {steps[-1]}) at step "
-               f"{reached:.0f}: {steps[-1] / reached:.1f}x fewer steps" if reached else
+               f"{steps[-1] / ups[-1]:.0f}: {ups[-1]:.1f}x fewer steps" if ups[-1] else
                f"REPA does not reach vanilla's final FD_demo ({fd[-1]:.1f} at step {steps[-1]}) "
                f"within {steps[-1]} steps")
     lines = [f"# --demo --compare, seed {cfg.seed}", "",
