@@ -894,18 +894,26 @@ def test_demo_dataset_is_class_conditional_and_in_the_reader_format():
     assert set(labels.tolist()) == set(range(10)) and len(data.class_names) == 10
     torch.testing.assert_close(moments[:, :3], images.float() / 127.5 - 1)
     assert moments[:, 3:].abs().sum() == 0
+    # the shape is one flat light colour (each channel 0.55-1), the background dark (0-0.35, and
+    # a gradient of 0.05): no pixel's brightness lies between, and the light pixels of an image
+    # are all of one colour (a dark shape on a light gradient would fail both)
+    brightness = images.float().mean(1) / 255
+    assert not ((brightness > 0.41) & (brightness < 0.54)).any()
+    fg = brightness > 0.5
+    assert fg.any((1, 2)).all() and (~fg).any((1, 2)).all()
+    for image, mask in zip(images, fg):
+        assert len(image[:, mask].unique(dim=1).T) == 1
     # the shape is the class: the share of the foreground differs between the classes (a bar
     # covers far less than a square of the same size) ...
-    # the shape is one flat colour, the background a gradient: the shape is the commonest colour
-    colour = (images.long() * torch.tensor([65536, 256, 1]).view(1, 3, 1, 1)).sum(1).flatten(1)
-    fg = (colour == colour.mode(1).values[:, None]).view(-1, 16, 16).float()
-    per_class = torch.stack([fg.mean((1, 2))[labels == c].mean() for c in range(10)])
+    per_class = torch.stack([fg.float().mean((1, 2))[labels == c].mean() for c in range(10)])
     assert per_class.max() > 2 * per_class.min()
-    # ... and everything else varies within a class: position, colour, background
+    # ... the rest varies within a class: colour, background (a disk's mean colour varies) ...
     disks = labels == 0
-    rows = torch.arange(16.0)
+    assert images[disks].float().mean((2, 3)).std(0).min() > 10
+    # ... but the shape is near the centre: within the 1-pixel jitter and the pixel grid
+    rows = torch.arange(16.0) + 0.5
     centre_y = (fg[disks] * rows[:, None]).sum((1, 2)) / fg[disks].sum((1, 2))
-    assert centre_y.std() > 1 and images[disks].float().mean((2, 3)).std(0).min() > 20
+    assert (centre_y - 8).abs().max() < 1.5 and centre_y.std() > 0.3
 
 
 def test_fit_steps_with_warmup_then_half_cosine():
@@ -944,7 +952,10 @@ def test_the_demo_networks_are_made_once_and_cached(tmp_path, monkeypatch, demo_
     first, again = torch.nn.Linear(2, 3), torch.nn.Linear(2, 3)
     info = repa.cache_once("net.pt", make, first)
     assert repa.cache_once("net.pt", make, again) == info  # loaded, not made again
-    assert calls == [1] and os.listdir(tmp_path) == ["net.pt"]
+    # kept in a folder for the version of the images, so that a change of the images remakes them
+    folder = tmp_path / f"shapes-v{repa.DemoDataset.version}"
+    assert calls == [1] and os.listdir(tmp_path) == [folder.name]
+    assert os.listdir(folder) == ["net.pt"]
     assert info["probe"] == 0.5 and "seconds" in info
     torch.testing.assert_close(first.state_dict(), again.state_dict())
     # a file from another version of the demo: one clear line, and the file is kept
@@ -962,7 +973,7 @@ def test_the_demo_networks_are_made_once_and_cached(tmp_path, monkeypatch, demo_
     torch.testing.assert_close(tokens.mean((0, 1)), torch.zeros(96), atol=1e-4, rtol=0)
     torch.testing.assert_close(tokens.std((0, 1)), torch.ones(96), atol=1e-4, rtol=0)
     z = torch.nn.functional.normalize(tokens.flatten(0, 1), dim=-1)
-    assert z.mean(0).square().sum() < 0.05  # the mean cosine of two tokens (before: 0.83)
+    assert z.mean(0).square().sum() < 0.05  # the mean cosine of two tokens (before: 0.73)
     assert not any(p.requires_grad for p in [*enc.model.parameters(), *judge.parameters()])
     assert judge(torch.zeros(5, 3, 16, 16, dtype=torch.uint8)).shape == (5, 10)
 
@@ -1968,16 +1979,17 @@ def test_demo_trains_and_both_losses_fall(tmp_path):
                    env={"REPA_CACHE": str(cache)}, timeout=1200)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "pretrained on the shapes without labels" in out.stdout  # what it aligns to
-    encoder = torch.load(cache / "demo-simclr-vit.pt", weights_only=True)["info"]
-    judge = torch.load(cache / "demo-judge.pt", weights_only=True)["info"]
-    assert encoder["probe"] > 0.35 and judge["accuracy"] > 0.7  # measured 0.43, 0.96; chance 0.1
+    made = cache / f"shapes-v{repa.DemoDataset.version}"
+    encoder = torch.load(made / "demo-simclr-vit.pt", weights_only=True)["info"]
+    judge = torch.load(made / "demo-judge.pt", weights_only=True)["info"]
+    assert encoder["probe"] > 0.5 and judge["accuracy"] > 0.9  # measured 0.71, 0.999; chance 0.1
     rows = [json.loads(l) for l in open(tmp_path / "demo" / "metrics.jsonl")]
     every = repa.DEMO["align_every"]  # and its measurements (--align-every) in the same file
     scores = [r for r in rows if "fd_demo" in r]
     assert [r["step"] for r in scores] == list(range(every, steps + 1, every))
     assert scores[-1]["fd_demo"] < 0.5 * scores[0]["fd_demo"]
-    # aligned: at step 500, 0.101 / 0.117 / 0.111 at block 2 for seeds 0 / 1 / 2 (vanilla runs
-    # of the same seeds: 0.063 / 0.077 / 0.083)
+    # aligned: at step 500, 0.119 / 0.157 / 0.142 at block 2 for seeds 0 / 1 / 2 (vanilla runs
+    # of the same seeds: 0.057 / 0.055 / 0.068)
     assert scores[-1]["cknna/demo-simclr-vit/block2"] > 0.09
     rows = [r for r in rows if "loss" in r]
     first, last = rows[0], rows[-1]
