@@ -1449,9 +1449,9 @@ def pretrain_simclr(steps, batch_size=128, lr=2e-3, temperature=0.2, seed=0):
     # The tokens' residual stream shares one large direction (on held-out shapes, a token's cosine
     # to the mean token is 0.85), so as a cosine target it is nearly constant: a projector that
     # outputs that direction scored 0.95 within 100 steps and eq. (8) carried little (measured on
-    # version 1 of the demo's images, where the cosine was 0.91). Made
-    # zero-mean and unit-variance in each channel over the pretraining images, the target is what
-    # varies between patches and images (the mean cosine of two tokens: 0.73 before, 0.01 after).
+    # version 1 of the demo's images, where the cosine was 0.91). Made zero-mean and unit-variance
+    # in each channel over the pretraining images, the target is what varies between patches and
+    # images (the mean cosine of two tokens: 0.73 before, 0.01 after).
     vit.eval().requires_grad_(False)
     with torch.no_grad():
         tokens = torch.cat([vit.forward_features(b / 255) for b in data.images[:2000].split(500)])
