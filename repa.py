@@ -2469,8 +2469,8 @@ def demo_compare(cfg):
                f"REPA does not reach vanilla's final FD_demo ({fd[-1]:.1f} at step {steps[-1]}) "
                f"within {steps[-1]} steps")
     lines = [f"# --demo --compare, seed {cfg.seed}", "",
-             f"{cfg.model}, {cfg.max_steps} steps of batch {cfg.batch_size}, lambda "
-             f"{cfg.proj_coeff} at block {block}, target {DEMO_ENCODER}; "
+             f"{cfg.model}, {cfg.max_steps} steps of batch {cfg.batch_size} at lr {cfg.lr:g} "
+             f"(both runs), lambda {cfg.proj_coeff} at block {block}, target {DEMO_ENCODER}; "
              f"judge: DemoJudge.", "", f"**{speedup}.**", "",
              f"At step {steps[-1]}, vanilla -> REPA: {final}.", "",
              "speed-up: a row's step over the step at which REPA reached vanilla's FD_demo of "

@@ -2028,6 +2028,7 @@ def test_compare_trains_both_from_the_same_start_and_reports(tmp_path, capsys):
     assert report.count("\n| 1 | ") == 1 and report.count("\n| 2 | ") == 1
     assert all(row.count("|") == 11 for row in report.splitlines() if row.startswith("| "))
     assert "vanilla's final FD_demo" in report and "REPA" in capsys.readouterr().out
+    assert f"at lr {repa.DEMO['lr']:g} (both runs)" in report
     assert os.path.getsize(tmp_path / "demo" / "compare.png") > 10_000
     # run again: nothing is trained, the report is written again
     before = os.path.getmtime(tmp_path / "demo" / "repa" / "checkpoints" / "0000002.pt")
