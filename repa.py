@@ -2086,13 +2086,16 @@ class Logger:
             self.wandb.finish()
 
 
+GRID_CFG = 4.0  # the grids' guidance scale, the official trainer's
+
+
 class Grids:
     """Samples from the EMA with the same noise and labels for the whole run (also across
     resumes), as the paper's fig. 4: one row per class, written as samples/NNNNNNN.png. The
     official trainer does this too (every 10K steps, 50 Euler steps, CFG 4); a DiT uses 50 DDPM
     steps, whose noise is seeded too. Latent runs are decoded with the VAE that made the latents."""
 
-    def __init__(self, run, per_class=4, num_steps=50, cfg_scale=4.0):
+    def __init__(self, run, per_class=4, num_steps=50, cfg_scale=GRID_CFG):
         import sample  # the samplers; a lazy import, since sample.py imports this file
         self.run, self.sample = run, sample
         model = run.model
@@ -2368,7 +2371,8 @@ def plot_compare(curves, metrics, folder, cfg):
     for j, (grid, name) in enumerate(itertools.product(grids, ("vanilla", "repa"))):
         ax = fig.add_subplot(rows, 4, 5 + j)
         ax.imshow(plt.imread(os.path.join(folder, name, "samples", grid)))
-        ax.set_title(f"{'REPA' if name == 'repa' else name}, step {int(grid[:7])}")
+        ax.set_title(f"{'REPA' if name == 'repa' else name}, step {int(grid[:7])} "
+                     f"(CFG {GRID_CFG:g})")
         ax.axis("off")
     fig.tight_layout()
     atomic_write(os.path.join(folder, "compare.png"), lambda f: fig.savefig(f, format="png",
@@ -2457,7 +2461,8 @@ def demo_compare(cfg):
     aligned = f"probe/block{block}"
     cknna_key = next(k for k in curves["REPA"] if k.startswith("cknna/") and k.endswith(
         f"/block{block}"))
-    metrics = {"fd_demo": "FD_demo (lower is better)", "class_acc": "class accuracy of samples",
+    metrics = {"fd_demo": "FD_demo, no guidance (lower is better)",
+               "class_acc": "class accuracy of samples, no guidance",
                cknna_key: "CKNNA with the encoder, aligned block",
                aligned: "linear probe, aligned block"}
     final = "; ".join(f"{m} {curves['vanilla'][m][1][-1]:.4g} -> {curves['REPA'][m][1][-1]:.4g}"
