@@ -2368,11 +2368,12 @@ def plot_compare(curves, metrics, folder, cfg):
         ax.set(xlabel="training step", title=title)
         ax.grid(alpha=0.3)
         ax.legend()
+    # Grids guide only a model that learned the null label (label dropout during training)
+    guidance = f"CFG {GRID_CFG:g}" if cfg.cfg_prob > 0 else "no guidance"
     for j, (grid, name) in enumerate(itertools.product(grids, ("vanilla", "repa"))):
         ax = fig.add_subplot(rows, 4, 5 + j)
         ax.imshow(plt.imread(os.path.join(folder, name, "samples", grid)))
-        ax.set_title(f"{'REPA' if name == 'repa' else name}, step {int(grid[:7])} "
-                     f"(CFG {GRID_CFG:g})")
+        ax.set_title(f"{'REPA' if name == 'repa' else name}, step {int(grid[:7])} ({guidance})")
         ax.axis("off")
     fig.tight_layout()
     atomic_write(os.path.join(folder, "compare.png"), lambda f: fig.savefig(f, format="png",
