@@ -871,10 +871,12 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=90, batch
     """Top-1 accuracy on (test_x, test_y) of a linear classifier trained on frozen features
     (N, D) with labels (N,): the DAE / MAE linear probe that the paper cites. A BatchNorm without
     affine parameters (it standardises the features, so their scale does not matter), then a
-    Linear layer from N(0, 0.01^2) with zero bias; cross-entropy; Adam (AdamW without decay) with
-    the learning rate decaying from `lr` to 0 on a half cosine, per iteration; large batches (at
-    most N). BatchNorm keeps the exact average of its batch statistics (momentum None), not a
-    running one, so that a short probe is evaluated with well-estimated statistics."""
+    Linear layer from N(0, 0.01^2) with zero bias; cross-entropy; the learning rate decaying from
+    `lr` to 0 on a half cosine, per iteration; large batches (at most N). Adam (AdamW without
+    decay), not MAE's LARS: with a few thousand features 90 epochs are 90 iterations, too few for
+    LARS to converge (README, Measuring alignment). BatchNorm keeps the exact average of its batch
+    statistics (momentum None), not a running one, so that a short probe is evaluated with
+    well-estimated statistics."""
     g = torch.Generator().manual_seed(seed)
     n, dim = train_x.shape
     batch = min(batch_size, n)

@@ -502,7 +502,7 @@ INCEPTION_FILES = ("weights-inception-2015-12-05-6726825d.pth",
                    "pt_inception-2015-12-05-6726825d.pth")
 SPATIAL_CHANNELS = 7  # sFID keeps mixed_6/conv[..., :7] (ADM)
 FEATURE_DIMS = (2048, 17 * 17 * SPATIAL_CHANNELS, 1008)  # pool_3, spatial, logits
-IS_SPLITS = 10        # the Inception Score is a mean over 10 consecutive chunks of the samples
+IS_CHUNK = 5_000      # the Inception Score is a mean over consecutive chunks of 5,000 samples (ADM)
 PR_K = 3              # k of the k-NN balls of precision/recall (ADM's nhood_sizes)
 PR_BLOCK = 10_000     # rows and columns of one block of distances (ADM's row/col batch size)
 
@@ -543,18 +543,17 @@ def gaussian_statistics(features):
     return features.mean(0), np.cov(features, rowvar=False)
 
 
-def inception_score(logits, splits=IS_SPLITS):
+def inception_score(logits, chunk=IS_CHUNK):
     """IS = exp(E_x KL(p(y|x) || p(y))) of Salimans et al. 2016, with p(y|x) = softmax(logits) and
-    p(y) the mean prediction of each of `splits` consecutive chunks; the score is the chunks' mean.
-
-    ADM cuts chunks of 5,000 rows: for 50,000 samples exactly these 10. For other N it averages
-    ceil(N / 5,000) chunks and we 10 (or N, if fewer): smaller chunks give a lower score. In
-    float64 from log-softmax (ADM: float32 softmax, then log), so a p of 0 is no NaN."""
+    p(y) the mean prediction of each consecutive chunk of `chunk` samples (the last may be
+    shorter); the score is the chunks' mean, as ADM's (split_size 5,000: 10 chunks for 50,000
+    samples, 2 for 10,000). Smaller chunks give a lower score, so IS compares only at equal N.
+    In float64 from log-softmax (ADM: float32 softmax, then log), so a p of 0 is no NaN."""
     logp = torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1)
     scores = []
-    for chunk in logp.tensor_split(min(splits, len(logp))):
-        log_py = torch.logsumexp(chunk, 0) - math.log(len(chunk))  # log of the chunk's p(y)
-        scores.append((chunk.exp() * (chunk - log_py)).sum(1).mean().exp())
+    for part in logp.split(chunk):
+        log_py = torch.logsumexp(part, 0) - math.log(len(part))  # log of the chunk's p(y)
+        scores.append((part.exp() * (part - log_py)).sum(1).mean().exp())
     return torch.stack(scores).mean().item()
 
 

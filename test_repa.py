@@ -2145,17 +2145,19 @@ def test_inception_score_of_hand_made_logits():
     # sure predictions (logit 50), classes 0..9 twice in order: IS = the number of classes a
     # chunk sees, since then KL = log(that number) for every row
     sure = np.tile(np.eye(10) * 50, (2, 1))
-    assert sample.inception_score(sure) == pytest.approx(2, rel=1e-9)  # 10 chunks of 2 classes
-    assert sample.inception_score(sure, splits=2) == pytest.approx(10, rel=1e-9)
-    assert sample.inception_score(sure[:3], splits=10) == pytest.approx(1, rel=1e-9)  # 3 chunks
+    assert sample.inception_score(sure) == pytest.approx(10, rel=1e-9)  # one chunk of 20
+    assert sample.inception_score(sure, chunk=2) == pytest.approx(2, rel=1e-9)  # 10 chunks
+    # chunks of 8, 8, 4: each sees 8, 8, 4 classes
+    assert sample.inception_score(sure, chunk=8) == pytest.approx(20 / 3, rel=1e-9)
     # two soft predictions: p(y) = (1/2, 1/2), KL = 0.9 ln 1.8 + 0.1 ln 0.2 for both
     soft = np.log([[0.9, 0.1], [0.1, 0.9]])
-    assert sample.inception_score(soft, splits=1) == pytest.approx(
+    assert sample.inception_score(soft) == pytest.approx(
         math.exp(0.9 * math.log(1.8) + 0.1 * math.log(0.2)), rel=1e-12)
 
 
-def test_inception_score_of_50k_samples_uses_adms_chunks_of_5000():
-    logits = np.random.default_rng(0).normal(scale=3, size=(50_000, 6)).astype(np.float32)
+@pytest.mark.parametrize("n", [50_000, 12_000])  # ADM's 10 chunks; and 5,000, 5,000, 2,000
+def test_inception_score_uses_adms_chunks_of_5000(n):
+    logits = np.random.default_rng(0).normal(scale=3, size=(n, 6)).astype(np.float32)
     preds = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     scores = []  # ADM's compute_inception_score, written out (split_size 5000)
     for i in range(0, len(preds), 5000):
@@ -2334,9 +2336,12 @@ def test_evaluation_end_to_end(tmp_path, random_inception, monkeypatch, capsys):
         assert got[key] == pytest.approx(want, rel=1e-9)
     precision, recall = sample.precision_recall(real_pool, fake_pool)
     assert precision != recall and (got["precision"], got["recall"]) == (precision, recall)
-    assert got["inception_score"] == pytest.approx(1)  # 10 splits of 5: one sample per chunk
+    p = torch.softmax(features[0][2].double(), 1)  # the 5 samples' logits: one chunk
+    kl = (p * (p.log() - p.mean(0).log())).sum(1).mean()
+    assert got["inception_score"] == pytest.approx(kl.exp().item(), rel=1e-9)
     assert got["num_samples"] == 5 and got["num_reference_images"] == 6
-    assert line.startswith(f"FID {got['fid']:.4f}  sFID {got['sfid']:.4f}  IS 1.00  precision "
+    assert line.startswith(f"FID {got['fid']:.4f}  sFID {got['sfid']:.4f}  IS "
+                           f"{got['inception_score']:.2f}  precision "
                            f"{precision:.4f}  recall {recall:.4f}  (5 samples vs ")
 
 
