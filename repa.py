@@ -1681,9 +1681,11 @@ def check_config(cfg, world=1):
     if cfg.encoder_depth > size["depth"]:
         raise UserError(f"--encoder-depth must be at most {size['depth']} for {cfg.model}, "
                         f"got {cfg.encoder_depth}")
-    if cfg.compare and not (cfg.demo and cfg.proj_coeff > 0 and cfg.align_every):
+    if cfg.compare and not (cfg.demo and cfg.proj_coeff > 0 and 0 < cfg.align_every <=
+                            cfg.max_steps):
         raise UserError("--compare trains the demo with and without REPA and measures both: it "
-                        "needs --demo, a --proj-coeff above 0 and --align-every above 0")
+                        "needs --demo, a --proj-coeff above 0 and an --align-every from 1 to "
+                        "--max-steps")
     if cfg.demo:
         if cfg.enc_type != DEMO_ENCODER:
             raise UserError(f"--demo aligns to {DEMO_ENCODER}; drop --enc-type")
@@ -2315,15 +2317,19 @@ def train(cfg):
 #################################################################################
 
 def metric_curves(folder):
-    """{metric: (steps, values)} of the measurement rows of a run's metrics.jsonl."""
-    curves = {}
+    """{metric: (steps, values)} of the measurement rows of a run's metrics.jsonl. A run resumed
+    from a checkpoint before its last measurement measures those steps again: the later row of
+    a step stands."""
+    rows = {}
     for line in open(os.path.join(folder, "metrics.jsonl")):
         row = json.loads(line)
-        if "fd_demo" not in row:  # a loss row
-            continue
-        for key, value in row.items():
+        if "fd_demo" in row:  # not a loss row
+            rows[row["step"]] = row
+    curves = {}
+    for step in sorted(rows):
+        for key, value in rows[step].items():
             steps, values = curves.setdefault(key, ([], []))
-            steps.append(row["step"])
+            steps.append(step)
             values.append(value)
     return curves
 

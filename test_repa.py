@@ -6,6 +6,7 @@ same deterministic weights and inputs; only the numbers are kept here.
 """
 import copy
 import hashlib
+import json
 import math
 import os
 import re
@@ -799,7 +800,6 @@ def test_prepare_resumes_after_a_stop_and_reads_back(tmp_path, monkeypatch):
 
     data = repa.ShardDataset(str(out))
     assert len(data) == 9 and data.num_classes == 3  # 10 files, one corrupt
-    import json
     manifest = json.load(open(out / "manifest.json"))
     assert len(manifest["failed"]) == 1 and "broken.JPEG" in manifest["failed"][0]
     images, moments, labels = data.__getitems__(list(range(9)))
@@ -1181,10 +1181,20 @@ def test_resume_from_an_official_checkpoint_and_refusal_of_another_experiment(tm
     (["--demo", "--data-dir", "x"], "--demo has its own data"),
     (["--compare"], "--compare trains the demo with and without REPA"),
     (["--demo", "--compare", "--proj-coeff", "0"], "needs --demo, a --proj-coeff above 0"),
+    (["--demo", "--compare", "--max-steps", "20"], "an --align-every from 1 to --max-steps"),
     (["--path-type", "edm"], "--path-type must be one of")])
 def test_bad_flags_are_one_clear_line(flags, message, capsys):
     code, out, err = cli(capsys, *flags)
     assert code == 2 and message in err, err
+
+
+def test_compare_reads_a_step_measured_twice_once(tmp_path):
+    # killed after measuring step 20 but before its checkpoint, a run resumes at step 10 and
+    # measures step 20 again: one row per step, the later one, or the table's rows shift
+    rows = [{"step": 10, "fd_demo": 5.0}, {"step": 20, "fd_demo": 4.0}, {"resumed_at": 10},
+            {"step": 10, "loss": 0.3}, {"step": 20, "fd_demo": 3.5}, {"step": 30, "fd_demo": 3.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert repa.metric_curves(tmp_path)["fd_demo"] == ([10, 20, 30], [5.0, 3.5, 3.0])
 
 
 def test_reader_benchmark_never_fills_a_folder_that_has_data(tmp_path):
@@ -1972,7 +1982,6 @@ def test_no_vae_offline_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_demo_trains_and_both_losses_fall(tmp_path):
-    import json
     cache = tmp_path / "cache"  # its own: the real encoder and judge are pretrained here
     steps = 500  # half the demo's steps, to keep CI short; the run is the demo's until then
     out = run_repa("--demo", "--max-steps", str(steps), "--results-dir", str(tmp_path),
@@ -2006,7 +2015,6 @@ def test_demo_trains_and_both_losses_fall(tmp_path):
 
 @pytest.mark.slow
 def test_compare_trains_both_from_the_same_start_and_reports(tmp_path, capsys):
-    import json
     repa.main(["--demo", "--compare", "--results-dir", str(tmp_path), "--max-steps", "2",
                "--batch-size", "8", "--log-every", "1", "--align-every", "1", "--align-images",
                "40", "--sample-every", "2", "--ckpt-every", "2"])
@@ -2286,7 +2294,6 @@ def test_images_are_read_from_npz_rows_and_as_adm_crops_from_folders(tmp_path, c
 
 
 def test_evaluation_end_to_end(tmp_path, random_inception, monkeypatch, capsys):
-    import json
     import scipy.linalg
     from PIL import Image
     # 1. sampling with a reference folder but no weights: a warning first, the .npz, then one
@@ -2370,7 +2377,6 @@ def test_evaluation_input_errors_are_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_evaluation_on_two_processes_equals_one(tmp_path, random_inception):
-    import json
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "samples.npz", arr_0=rng.integers(0, 256, (20, 16, 16, 3), np.uint8))
     np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (9, 16, 16, 3), np.uint8))
@@ -2575,7 +2581,6 @@ def test_official_files_of_ijepa_and_mae_load(tmp_path, name, arch, layout):
 
 @pytest.mark.slow
 def test_analyze_runs_end_to_end_on_the_demo_and_training_logs_alignment(tmp_path):
-    import json
     train = run_repa(*DEMO_FAST, "--max-steps", "2", "--align-every", "1", "--align-images",
                      "64", "--results-dir", str(tmp_path))
     assert train.returncode == 0, train.stderr[-2000:]
@@ -2597,7 +2602,6 @@ def test_analyze_runs_end_to_end_on_the_demo_and_training_logs_alignment(tmp_pat
 
 @pytest.mark.slow
 def test_analyze_on_two_processes_equals_one(tmp_path):
-    import json
     out = run_repa(*DEMO_FAST, "--max-steps", "1", "--results-dir", str(tmp_path))
     assert out.returncode == 0, out.stderr[-2000:]
     args = ["--demo", "--analyze", str(tmp_path / "demo"), "--analyze-images", "30",
