@@ -1599,7 +1599,7 @@ class Config:
     sync_debug: bool = False    # GPU: fail on any host-device sync inside a step (after the first)
     results_dir: str = "results"
     exp_name: str = "repa"      # the run folder is results_dir/exp_name
-    resume: str = "auto"        # auto (newest checkpoint of this run, if any) | none | PATH
+    resume: str = "auto"        # auto (newest checkpoint of this run) | none (a new run) | PATH
     log_every: int = 100        # steps between log lines (one host sync each)
     ckpt_every: int = 50_000    # numbered checkpoints, kept
     latest_every: int = 2_000   # latest.pt, overwritten: what a crash loses at most
@@ -1958,9 +1958,16 @@ def load_checkpoint(path):
 
 
 def newest_checkpoint(ckpt_dir):
-    paths = [os.path.join(ckpt_dir, f) for f in os.listdir(ckpt_dir) if f.endswith(".pt")] \
-        if os.path.isdir(ckpt_dir) else []
-    return max(paths, key=os.path.getmtime, default=None)
+    """The checkpoint of a folder with the most training steps (None if it has none): NNNNNNN.pt
+    by its name, any other (latest.pt) by its content. Not by the files' times, which a copy may
+    not keep; of equal steps, the numbered one."""
+    steps = {}
+    for name in sorted(os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) else []:
+        path = os.path.join(ckpt_dir, name)
+        if name.endswith(".pt"):  # memory-mapped: reading `steps` does not read the weights
+            steps[path] = int(name[:-3]) if name[:-3].isdigit() else \
+                load_checkpoint(path).get("steps", -1)
+    return max(steps, key=steps.get, default=None)
 
 
 def resume_run(run):
@@ -1968,12 +1975,17 @@ def resume_run(run):
     optimiser, step and data position. Rank 0 chooses the file and tells the others, so that on
     several nodes the ranks do not each pick what their own disk shows."""
     cfg = run.cfg
-    path = None if cfg.bench or cfg.resume == "none" else (
-        newest_checkpoint(run.ckpt_dir) if cfg.resume == "auto" else cfg.resume)
+    path = newest = None  # the checkpoint to resume; the newest in the run folder
+    if run.rank == 0 and not cfg.bench:
+        newest = newest_checkpoint(run.ckpt_dir)
+        path = {"auto": newest, "none": None}.get(cfg.resume, cfg.resume)
     if dist.is_initialized():
-        box = [path]
+        box = [path, newest]
         dist.broadcast_object_list(box, src=0)
-        path = box[0]
+        path, newest = box
+    if cfg.resume == "none" and newest:  # a new run must not write over a saved one
+        raise UserError(f"{run.dir} holds a run already ({newest}): start a new one with another "
+                        f"--exp-name, or resume this one without --resume none")
     if path:
         ckpt = load_checkpoint(path)
         stored = ckpt.get("args")
@@ -1981,8 +1993,9 @@ def resume_run(run):
             changed = [f"{k} {stored[k]} -> {getattr(cfg, k)}" for k in METHOD_FIELDS
                        if k in stored and stored[k] != getattr(cfg, k)]
             if changed:
-                raise UserError(f"{path} is another experiment ({', '.join(changed)}): use "
-                                f"another --exp-name, or --resume none to start afresh")
+                raise UserError(f"{path} is another experiment ({', '.join(changed)}): " + (
+                    "use another --exp-name" if cfg.resume == "auto" else
+                    "resume it with the flags it was trained with"))
         load_sit_weights(run.model, ckpt["model"])
         load_sit_weights(run.ema, ckpt["ema"])
         run.opt.load_state_dict(ckpt["opt"])
@@ -2261,7 +2274,7 @@ def train(cfg):
     if run.step >= cfg.max_steps:  # nothing to do, and nothing in the run folder changes
         print0(f"{run.dir} is already at step {run.step} (--max-steps {cfg.max_steps}): nothing "
                f"to train. Train longer with a larger --max-steps, or start a new run with "
-               f"another --exp-name (or --resume none)")
+               f"another --exp-name")
         return run
     # Start: the run folder and what runs
     if run.rank == 0 and not cfg.bench:

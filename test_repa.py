@@ -1106,6 +1106,16 @@ def test_official_checkpoint_layout_loads_with_weights_only(tmp_path):
     repa.load_sit_weights(tiny_model(), ckpt["ema"])
 
 
+def test_the_newest_checkpoint_is_the_one_with_most_steps_not_the_newest_file(tmp_path):
+    # a copy that does not keep file times (cp -r) must not resume an older checkpoint
+    for name, steps in (("0000004.pt", 4), ("latest.pt", 6), ("0000002.pt", 2)):
+        torch.save({"steps": steps}, tmp_path / name)  # written last: the newest file
+    assert repa.newest_checkpoint(str(tmp_path)) == str(tmp_path / "latest.pt")
+    torch.save({"steps": 4}, tmp_path / "latest.pt")  # of equal steps, the numbered one
+    assert repa.newest_checkpoint(str(tmp_path)) == str(tmp_path / "0000004.pt")
+    assert repa.newest_checkpoint(str(tmp_path / "none")) is None
+
+
 def test_resume_from_a_checkpoint_for_another_model_is_one_line(tmp_path):
     other = tmp_path / "other.pt"
     model = tiny_model()
@@ -1423,6 +1433,10 @@ def test_a_finished_run_says_so_and_changes_nothing(tmp_path):
         again = run_repa(*DEMO_FAST, "--max-steps", steps, "--results-dir", str(tmp_path))
         assert again.returncode == 0 and again.stdout.count("\n") <= 1, again.stdout
         assert "already at step 2" in again.stdout and "--exp-name" in again.stdout
+    # a new run in its folder (--resume none) is refused, not written over it
+    again = run_repa(*DEMO_FAST, "--max-steps", "2", "--resume", "none", "--seed", "5",
+                     "--results-dir", str(tmp_path))
+    assert again.returncode == 2 and "holds a run already" in again.stderr, again.stderr
     after = {str(p): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*")
              if p.is_file()}
     assert after == before
