@@ -2637,8 +2637,9 @@ def plot_alignment(result, path):
 def analyze_checkpoint(cfg):
     """--analyze: for a checkpoint (ours, an official one, a run folder), CKNNA and linear-probe
     accuracy of the hidden state after every block at every t; writes analysis.json and
-    analysis.png under results_dir/exp_name/analysis/<checkpoint>/. Feature extraction is split
-    over torchrun's ranks; rank 0 computes the metrics."""
+    analysis.png under <run>/analysis/<checkpoint>/ for a checkpoint of a run folder (so that
+    two runs' analyses never overwrite each other), else under results_dir/exp_name. Feature
+    extraction is split over torchrun's ranks; rank 0 computes the metrics."""
     import sample  # lazily, as Grids: sample.py imports this file
     rank, world, device = setup_distributed()
     model, info = sample.load_checkpoint(cfg.analyze, device)  # the EMA
@@ -2661,8 +2662,12 @@ def analyze_checkpoint(cfg):
                           holdout=cfg.probe_holdout),
                       **alignment_report(labels, enc, sit, ts, encoders, data.num_classes, cfg,
                                          device))
-        stem = os.path.splitext(os.path.basename(info["path"]))[0]
-        out = os.path.join(cfg.results_dir, cfg.exp_name, "analysis", stem)
+        folder, name = os.path.split(os.path.abspath(info["path"]))
+        run_dir = os.path.dirname(folder)
+        if not (os.path.basename(folder) == "checkpoints" and
+                os.path.isfile(os.path.join(run_dir, "config.json"))):
+            run_dir = os.path.join(cfg.results_dir, cfg.exp_name)  # a file of no run of ours
+        out = os.path.join(run_dir, "analysis", os.path.splitext(name)[0])
         os.makedirs(out, exist_ok=True)
         atomic_write(os.path.join(out, "analysis.json"),
                      lambda f: json.dump(result, f, indent=1), "w")
