@@ -470,6 +470,10 @@ def load_sit_weights(model, state_dict):
         raise UserError(f"checkpoint does not fit this model ({len(missing)} missing, "
                         f"{len(unexpected)} unexpected, {len(wrong)} wrong-shaped keys{example}): "
                         f"is it for another size or encoder set?")
+    bad = next((k for k, v in renamed.items() if v.is_floating_point() and
+                not torch.isfinite(v).all()), None)
+    if bad:  # a bit flipped on disk, or weights saved from a run that had diverged
+        raise UserError(f"checkpoint has non-finite values in {bad}: it is corrupt")
     model.load_state_dict(renamed, strict=True)
     return model
 

@@ -200,6 +200,17 @@ def test_checkpoint_for_another_model_is_one_clear_line():
         repa.load_sit_weights(tiny_model(), tiny_model(z_dims=(32, 48)).state_dict())
 
 
+def test_a_checkpoint_corrupted_on_disk_is_one_clear_line(tmp_path):
+    # torch.load does not check the archive's CRCs: bytes of 0xFF in a float32 tensor are NaN
+    path = tmp_path / "flipped.pt"
+    torch.save({"ema": tiny_model().state_dict()}, path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+    with pytest.raises(repa.UserError, match="non-finite values in .*: it is corrupt"):
+        repa.load_sit_weights(tiny_model(), repa.load_checkpoint(str(path))["ema"])
+
+
 @pytest.mark.parametrize("case,z_dims,qk_norm", [("one", (32,), False), ("two", (32, 48), False),
                                                  ("qknorm", (32,), True)])
 def test_forward_equals_official(case, z_dims, qk_norm):
