@@ -2382,8 +2382,9 @@ def plot_compare(curves, metrics, folder, cfg):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    grids = sorted(os.listdir(os.path.join(folder, "repa", "samples")))[-2:] if \
-        cfg.sample_every else []
+    names = [set(os.listdir(os.path.join(folder, run, "samples"))) if cfg.sample_every else set()
+             for run in ("vanilla", "repa")]  # the training's grids, not sample.py's, if any
+    grids = sorted(n for n in names[0] & names[1] if re.fullmatch(r"\d{7}\.png", n))[-2:]
     fig = plt.figure(figsize=(16, 4 + 4.2 * bool(grids)))
     rows = 1 + bool(grids)
     for i, (key, title) in enumerate(metrics.items()):
