@@ -1014,7 +1014,8 @@ def run(args):
         generator = torch.Generator(device).manual_seed(args.global_seed)
         images = torch.cat([generate(model, vae, chunk, generator, solver, info["input_size"])
                             for chunk in labels.split(args.per_proc_batch_size)])
-        path = os.path.join(sample_dir, f"{name}-grid.png")
+        shown = f"-classes{'_'.join(map(str, classes))}" if args.classes else ""
+        path = os.path.join(sample_dir, f"{name}{shown}-x{args.per_class}-grid.png")
         save_grid(images, class_names(info, classes), path)
         print(f"wrote {path} ({len(classes)} classes x {args.per_class})")
 

@@ -1948,6 +1948,9 @@ def test_pixel_space_grid(tmp_path):
                         for chunk in labels.split(32)])
     assert np.array_equal(grid[66 * 2:66 * 2 + 64:4, 56 + 66:56 + 66 + 64:4], images[9].numpy())
     assert torch.is_grad_enabled()  # main() left no global state behind
+    sample.main(argv + ["--classes", "1,2", "--per-class", "2"])  # another grid, another file
+    grids = sorted(p for p in os.listdir(tmp_path) if p.endswith("-grid.png"))
+    assert len(grids) == 2 and grids[0].endswith("-classes1_2-x2-grid.png")
 
 
 def run_cli(args, env=None, nproc=None):
