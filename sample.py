@@ -785,9 +785,18 @@ def check_evaluation(samples, reference, size=None):
     if "arr_0" not in arrays and not {"mu", "sigma"} <= set(arrays):
         raise repa.UserError(f"{reference} holds neither images (arr_0) nor statistics (mu, "
                              f"sigma); it has {', '.join(sorted(arrays)) or 'nothing'}")
-    if "arr_0" in arrays and tuple(arrays["arr_0"][0][1:]) != (size, size, 3):
-        raise repa.UserError(f"the reference images in {reference} are {arrays['arr_0'][0][1:]}, "
-                             f"the samples ({size}, {size}, 3)")
+    if "arr_0" in arrays:
+        shape, dtype = arrays["arr_0"]
+        if dtype != np.uint8 or tuple(shape[1:]) != (size, size, 3):
+            raise repa.UserError(f"the reference images in {reference} are {dtype} {shape[1:]}, "
+                                 f"the samples uint8 ({size}, {size}, 3)")
+        if shape[0] <= PR_K:
+            raise repa.UserError(f"{reference} holds {shape[0]} images; use at least {PR_K + 1}")
+    for (mu, sigma), dim in zip((("mu", "sigma"), ("mu_s", "sigma_s")), FEATURE_DIMS):
+        for key, want in ((mu, (dim,)), (sigma, (dim, dim))):  # pool_3's and the spatial ones
+            if key in arrays and tuple(arrays[key][0]) != want:
+                raise repa.UserError(f"{reference}: {key} is {tuple(arrays[key][0])}, not {want} "
+                                     f"(statistics of the FID Inception's {dim} features)")
     with np.load(reference) as stored:
         return {k: stored[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in arrays}
 

@@ -2389,7 +2389,15 @@ def test_evaluation_input_errors_are_one_line(tmp_path, capsys):
     np.savez(stats, foo=np.zeros(3))
     np.savez(small, arr_0=np.zeros((5, 8, 8, 3), np.uint8))
     (tmp_path / "text.npz").write_text("not an npz")
+    floats, two, mu10 = (str(tmp_path / f) for f in ("f32.npz", "two.npz", "mu10.npz"))
+    np.savez(floats, arr_0=np.zeros((5, 16, 16, 3), np.float32))
+    np.savez(two, arr_0=np.zeros((2, 16, 16, 3), np.uint8))
+    np.savez(mu10, mu=np.zeros(10), sigma=np.eye(10))
     for argv, message in [
+            (["--evaluate", samples, "--fid-ref", floats], "are float32 (16, 16, 3), the samples "
+                                                            "uint8 (16, 16, 3)"),
+            (["--evaluate", samples, "--fid-ref", two], f"{two} holds 2 images; use at least 4"),
+            (["--evaluate", samples, "--fid-ref", mu10], "mu is (10,), not (2048,)"),
             (["--evaluate", samples, "--fid-ref", stats],
              f"{stats} holds neither images (arr_0) nor statistics (mu, sigma); it has foo"),
             (["--evaluate", stats, "--fid-ref", samples], f"{stats} has no images"),
