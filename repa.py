@@ -1992,6 +1992,10 @@ def resume_run(run):
                         f"--exp-name, or resume this one without --resume none")
     if path:
         ckpt = load_checkpoint(path)
+        missing = [k for k in ("model", "ema", "opt", "steps") if k not in ckpt]
+        if missing:
+            raise UserError(f"{path} is not a training checkpoint (no {', '.join(missing)}): "
+                            f"--resume needs one saved by repa.py or the official train.py")
         stored = ckpt.get("args")
         if isinstance(stored, dict):  # ours; official checkpoints hold a Namespace
             changed = [f"{k} {stored[k]} -> {getattr(cfg, k)}" for k in METHOD_FIELDS

@@ -429,10 +429,16 @@ def write_npz(folder, num):
     if missing:
         raise repa.UserError(f"{len(missing)} images are missing in {folder} (first "
                              f"{missing[0]:06d}.png); run the same command again to finish them")
-    first = np.asarray(Image.open(f"{folder}/000000.png").convert("RGB"))
+    def read(i):
+        try:
+            return np.asarray(Image.open(f"{folder}/{i:06d}.png").convert("RGB"))
+        except (OSError, ValueError) as e:  # written atomically by us: damaged since
+            raise repa.UserError(f"{folder}/{i:06d}.png cannot be read ({e}): delete it, and "
+                                 f"the same command samples it again") from None
+    first = read(0)
     arr = np.empty((num, *first.shape), dtype=np.uint8)  # preallocated: 50K x 256^2 x 3 = 9.8 GB
     for i in tqdm(range(num), desc="building .npz"):
-        arr[i] = np.asarray(Image.open(f"{folder}/{i:06d}.png").convert("RGB"))
+        arr[i] = read(i)
     repa.atomic_write(f"{folder}.npz", lambda f: np.savez(f, arr_0=arr))
     return f"{folder}.npz"
 

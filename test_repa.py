@@ -1127,7 +1127,7 @@ def test_the_newest_checkpoint_is_the_one_with_most_steps_not_the_newest_file(tm
     assert repa.newest_checkpoint(str(tmp_path / "none")) is None
 
 
-def test_resume_from_a_checkpoint_for_another_model_is_one_line(tmp_path):
+def test_resume_from_a_checkpoint_for_another_model_is_one_line(tmp_path, capsys):
     other = tmp_path / "other.pt"
     model = tiny_model()
     torch.save({"model": model.state_dict(), "ema": model.state_dict(), "opt": {}, "steps": 1,
@@ -1136,6 +1136,10 @@ def test_resume_from_a_checkpoint_for_another_model_is_one_line(tmp_path):
                    "--results-dir", str(tmp_path / "r"))
     assert out.returncode == 2 and out.stderr.startswith("error: checkpoint does not fit")
     assert out.stderr.strip().count("\n") == 0
+    torch.save(model.state_dict(), other)  # weights alone: nothing to resume from
+    code, _, err = cli(capsys, *DEMO_FAST, "--max-steps", "2", "--resume", str(other),
+                       "--results-dir", str(tmp_path / "r"))
+    assert code == 2 and "is not a training checkpoint (no model, ema, opt, steps)" in err
 
 
 @pytest.mark.slow
@@ -1962,6 +1966,15 @@ def run_cli(args, env=None, nproc=None):
            "CUDA_VISIBLE_DEVICES": "", **(env or {})}
     return subprocess.run([sys.executable, *launcher, os.path.join(HERE, "sample.py"), *args],
                           capture_output=True, text=True, cwd=HERE, env=env, timeout=300)
+
+
+def test_a_damaged_sample_png_is_one_line_that_says_what_to_do(tmp_path):
+    for i in range(3):
+        sample.save_png(torch.full((8, 8, 3), 40 * i, dtype=torch.uint8), f"{tmp_path}/{i:06d}.png")
+    path = tmp_path / "000001.png"
+    path.write_bytes(path.read_bytes()[:30])  # cut short after our atomic write
+    with pytest.raises(repa.UserError, match="000001.png cannot be read .*: delete it"):
+        sample.write_npz(str(tmp_path), 3)
 
 
 @pytest.mark.slow
