@@ -1682,6 +1682,9 @@ def check_config(cfg, world=1):
     if cfg.resolution not in (256, 512):  # the encoders' grids are set for these two
         raise UserError(f"--resolution must be 256 or 512, got {cfg.resolution}")
     size = size_config(cfg.model)
+    if size.get("learn_sigma") and (cfg.path_type, cfg.weighting) != ("linear", "uniform"):
+        raise UserError(f"--path-type and --weighting are SiT's: {cfg.model} trains on its DDPM "
+                        f"chain; drop them")
     if cfg.encoder_depth > size["depth"]:
         raise UserError(f"--encoder-depth must be at most {size['depth']} for {cfg.model}, "
                         f"got {cfg.encoder_depth}")

@@ -1459,6 +1459,8 @@ def test_a_finished_run_says_so_and_changes_nothing(tmp_path):
 
 @pytest.mark.parametrize("flags,message", [
     (["--model", "XL/3"], "unknown model size 'XL/3'"),
+    (["--model", "DiT-B/2", "--path-type", "cosine"], "--path-type and --weighting are SiT's"),
+    (["--model", "DiT-B/2", "--weighting", "lognormal"], "trains on its DDPM chain"),
     (["--enc-type", "dinov9-vit-b"], "unknown encoder 'dinov9-vit-b'"),
     (["--lr", "-1"], "--lr must be positive, got -1.0"),
     (["--adam-beta2", "1.5"], "--adam-beta2 must be in [0, 1), got 1.5"),
