@@ -62,7 +62,6 @@ import itertools
 import json
 import math
 import os
-import pickle
 import re
 import signal
 import sys
@@ -1603,7 +1602,7 @@ class Config:
     sync_debug: bool = False    # GPU: fail on any host-device sync inside a step (after the first)
     results_dir: str = "results"
     exp_name: str = "repa"      # the run folder is results_dir/exp_name
-    resume: str = "auto"        # auto (newest checkpoint of this run) | none (a new run) | PATH
+    resume: str = "auto"        # auto (this run's newest) | none (a new run) | a file or run folder
     log_every: int = 100        # steps between log lines (one host sync each)
     ckpt_every: int = 50_000    # numbered checkpoints, kept
     latest_every: int = 2_000   # latest.pt, overwritten: what a crash loses at most
@@ -1958,10 +1957,13 @@ def load_checkpoint(path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True,
                               mmap=zipfile.is_zipfile(path))
-    except Exception as e:
-        kind = "unsafe to load" if isinstance(e, pickle.UnpicklingError) else "corrupt"
-        raise UserError(f"checkpoint {path} is {kind} ({type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0].rstrip('.')}).") from None
+    except Exception as e:  # of torch's long weights_only message, only the reason
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed|\n|$)", str(e))
+        reason = (found.group(1) if found else str(e).strip().splitlines()[0]).rstrip(". ")
+        kind = ("holds objects that only running code could rebuild, which weights_only=True "
+                "refuses: save plain state dicts" if reason.startswith("Unsupported global")
+                else "is corrupt")
+        raise UserError(f"checkpoint {path} {kind} ({type(e).__name__}: {reason})") from None
 
 
 def newest_checkpoint(ckpt_dir):
@@ -1977,6 +1979,17 @@ def newest_checkpoint(ckpt_dir):
     return max(steps, key=steps.get, default=None)
 
 
+def checkpoint_in(path):
+    """A checkpoint given as its file, as a run folder or as its checkpoints/ (the newest)."""
+    if not os.path.isdir(path):
+        return path
+    sub = os.path.join(path, "checkpoints")
+    found = newest_checkpoint(sub if os.path.isdir(sub) else path)
+    if found is None:
+        raise UserError(f"no checkpoint in {path} (a .pt file, a run folder or its checkpoints/)")
+    return found
+
+
 def resume_run(run):
     """Continue from the newest checkpoint of the run folder (or --resume PATH): weights, EMA,
     optimiser, step and data position. Rank 0 chooses the file and tells the others, so that on
@@ -1985,7 +1998,8 @@ def resume_run(run):
     path = newest = None  # the checkpoint to resume; the newest in the run folder
     if run.rank == 0 and not cfg.bench:
         newest = newest_checkpoint(run.ckpt_dir)
-        path = {"auto": newest, "none": None}.get(cfg.resume, cfg.resume)
+        path = newest if cfg.resume == "auto" else None if cfg.resume == "none" else \
+            checkpoint_in(cfg.resume)
     if dist.is_initialized():
         box = [path, newest]
         dist.broadcast_object_list(box, src=0)

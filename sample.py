@@ -345,9 +345,7 @@ def load_checkpoint(path, device="cpu", use_ema=True, **overrides):
     unknown = set(overrides) - set(OVERRIDES)
     if unknown:
         raise TypeError(f"unknown overrides {sorted(unknown)}; choose from {OVERRIDES}")
-    if os.path.isdir(path):
-        sub = os.path.join(path, "checkpoints")
-        path = repa.newest_checkpoint(sub if os.path.isdir(sub) else path) or path
+    path = repa.checkpoint_in(path)
     ckpt = repa.load_checkpoint(path)  # weights_only, memory-mapped; one line if unreadable
     try:
         fmt, reader = read_format(ckpt)
@@ -902,7 +900,7 @@ GUIDANCE_RULE = "the guidance interval must satisfy 0 <= --guidance-low <= --gui
 def check_args(args):
     """Values that would otherwise fail late or quietly: one line each, before any loading."""
     rules = [(bool(args.ckpt) != bool(args.evaluate),
-              "give --ckpt to sample or --evaluate SAMPLES.npz to evaluate, not both"),
+              "give --ckpt CKPT to sample or --evaluate SAMPLES.npz to evaluate (one of them)"),
              (args.fid_ref or not args.evaluate, "--evaluate needs --fid-ref REF"),
              (not args.fid_ref or args.evaluate or args.num_fid_samples,
               "--fid-ref evaluates the samples of --num-fid-samples N (or of --evaluate)"),

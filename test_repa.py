@@ -200,6 +200,18 @@ def test_checkpoint_for_another_model_is_one_clear_line():
         repa.load_sit_weights(tiny_model(), tiny_model(z_dims=(32, 48)).state_dict())
 
 
+class NotAPlainValue:
+    pass
+
+
+def test_a_checkpoint_that_only_code_could_load_says_why_not_to_run_it(tmp_path):
+    torch.save({"model": NotAPlainValue()}, tmp_path / "code.pt")
+    with pytest.raises(repa.UserError) as e:
+        repa.load_checkpoint(str(tmp_path / "code.pt"))
+    assert "only running code could rebuild" in str(e.value) and "NotAPlainValue" in str(e.value)
+    assert "weights_only=False" not in str(e.value) and "\n" not in str(e.value)
+
+
 def test_a_checkpoint_corrupted_on_disk_is_one_clear_line(tmp_path):
     # torch.load does not check the archive's CRCs: bytes of 0xFF in a float32 tensor are NaN
     path = tmp_path / "flipped.pt"
@@ -1125,6 +1137,13 @@ def test_the_newest_checkpoint_is_the_one_with_most_steps_not_the_newest_file(tm
     torch.save({"steps": 4}, tmp_path / "latest.pt")  # of equal steps, the numbered one
     assert repa.newest_checkpoint(str(tmp_path)) == str(tmp_path / "0000004.pt")
     assert repa.newest_checkpoint(str(tmp_path / "none")) is None
+    # --resume, sample.py and --analyze take a file, a run folder or its checkpoints/
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(repa.UserError, match="no checkpoint in"):
+        repa.checkpoint_in(str(tmp_path / "run"))
+    os.replace(tmp_path / "0000004.pt", tmp_path / "run" / "checkpoints" / "0000004.pt")
+    assert repa.checkpoint_in(str(tmp_path / "run")) == str(
+        tmp_path / "run" / "checkpoints" / "0000004.pt")
 
 
 def test_resume_from_a_checkpoint_for_another_model_is_one_line(tmp_path, capsys):
