@@ -1004,6 +1004,7 @@ def load_vae(name="stabilityai/sd-vae-ft-mse", device="cpu"):
         vae = AutoencoderKL.from_pretrained(path, low_cpu_mem_usage=False)
     except Exception as e:
         hint = (f"the folder {name} is not a diffusers AutoencoderKL" if os.path.isdir(name) else
+                f"there is no folder {name}" if name.startswith(("/", ".", "~")) else
                 f"it is not in the Hugging Face cache and cannot be downloaded here; on a machine "
                 f"with internet run python -c \"from diffusers import AutoencoderKL; "
                 f"AutoencoderKL.from_pretrained('{name}')\" and copy ~/.cache/huggingface, or "

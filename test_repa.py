@@ -886,6 +886,11 @@ def test_prepare_errors_are_one_line_and_keep_what_was_written(tmp_path):
     assert (done / "labels.npy").read_bytes() == b"kept"
 
 
+def test_a_vae_path_that_does_not_exist_is_not_sent_to_the_hub(tmp_path):
+    with pytest.raises(repa.UserError, match=f"there is no folder {tmp_path / 'nope'}"):
+        repa.load_vae(str(tmp_path / "nope"))
+
+
 def test_reader_order_is_seeded_disjoint_and_resumable():
     def take(sampler, k):
         it = iter(sampler)
