@@ -63,6 +63,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -1112,6 +1113,22 @@ def write_manifest(out, n_shards, resolution, classes, vae_name):
     return manifest
 
 
+def check_recipe(out, recipe):
+    """A preparation resumes only as it began: shards made from another source or with another
+    size, resolution or VAE (or by --bench-data) are refused, never mixed with new ones."""
+    path = os.path.join(out, "prepare.json")
+    if os.path.isfile(path):
+        stored = json.load(open(path))
+        changed = [f"{k} {stored.get(k)} -> {v}" for k, v in recipe.items() if stored.get(k) != v]
+        if changed:
+            raise UserError(f"{out} was prepared otherwise ({'; '.join(changed)}): use another "
+                            f"--data-dir, or the flags it was begun with")
+    elif os.path.isdir(out) and any(n.startswith("shard-") or n == "manifest.json"
+                                    for n in os.listdir(out)):
+        raise UserError(f"{out} holds shards that no --prepare began (no prepare.json): use an "
+                        f"empty --data-dir")
+
+
 def prepare(src, out, resolution=256, vae_name="stabilityai/sd-vae-ft-mse", shard_size=10_000,
             batch_size=64):
     """ImageFolder -> shards, sharded over torchrun ranks and resumable (finished shards are
@@ -1119,12 +1136,21 @@ def prepare(src, out, resolution=256, vae_name="stabilityai/sd-vae-ft-mse", shar
     from tqdm import tqdm
     rank, world, device = setup_distributed()
     paths, labels, classes = list_image_folder(src)
-    os.makedirs(out, exist_ok=True)
+    recipe = dict(source=os.path.abspath(src), files=len(paths), resolution=resolution,
+                  vae=vae_name, shard_size=shard_size)
+    check_recipe(out, recipe)  # read only, on every rank: all fail alike
     chunks = [range(i, min(i + shard_size, len(paths))) for i in range(0, len(paths), shard_size)]
     # every rank lists the same missing shards and takes every world-th: balanced after a resume
     missing = [k for k in range(len(chunks)) if not os.path.isdir(os.path.join(out, shard_name(k)))]
     todo = missing[rank::world]
     vae = load_vae(vae_name, device) if missing else None  # all ranks fail alike when it is absent
+    if rank == 0:  # nothing is written before the checks
+        os.makedirs(out, exist_ok=True)
+        atomic_write(os.path.join(out, "prepare.json"), lambda f: json.dump(recipe, f), "w")
+        for name in os.listdir(out):  # what a stopped preparation was writing: redone
+            if name.startswith(".shard-"):
+                shutil.rmtree(os.path.join(out, name))
+    barrier()  # every rank has listed before any shard is written
     bar = tqdm(total=sum(len(chunks[k]) for k in todo), disable=rank != 0, desc="prepare",
                unit="img")
     for k in todo:

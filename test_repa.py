@@ -820,6 +820,13 @@ def test_prepare_resumes_after_a_stop_and_reads_back(tmp_path, monkeypatch):
                                                                      real_write(o, k, *a, **kw)))
     repa.prepare(str(src), str(out), resolution=16, vae_name=vae, shard_size=2)
     assert written == [2, 3, 4]  # only the shards that were not whole are redone
+    assert not [d for d in os.listdir(out) if d.startswith(".shard-")]  # the half-written one
+    # resumed with another shard size, resolution or source, it would mix or lose images
+    for change, says in [(dict(shard_size=3), "shard_size 2 -> 3"),
+                         (dict(resolution=32), "resolution 16 -> 32")]:
+        with pytest.raises(repa.UserError, match=f"was prepared otherwise .*{says}"):
+            repa.prepare(str(src), str(out), **{**dict(resolution=16, vae_name=vae,
+                                                      shard_size=2), **change})
 
     data = repa.ShardDataset(str(out))
     assert len(data) == 9 and data.num_classes == 3  # 10 files, one corrupt
@@ -875,14 +882,17 @@ def test_prepare_errors_are_one_line_and_keep_what_was_written(tmp_path):
     out = run_repa("--prepare", str(src), "--data-dir", str(tmp_path / "o"))
     assert out.returncode == 2 and "hold no images" in out.stderr and "\n" not in out.stderr.strip()
     os.rmdir(src / "n00000009")
-    # an output folder with something in it: no VAE offline must not touch it
-    done = tmp_path / "o" / "shard-00007"
-    os.makedirs(done)
-    (done / "labels.npy").write_bytes(b"kept")
+    # no VAE offline: nothing is written, not even the output folder
     out = run_repa("--prepare", str(src), "--data-dir", str(tmp_path / "o"),
                    env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 2 and out.stderr.startswith("error: cannot load the VAE")
-    assert out.stderr.strip().count("\n") == 0
+    assert out.stderr.strip().count("\n") == 0 and not os.path.exists(tmp_path / "o")
+    # shards that no --prepare began (--bench-data's random ones, say) are not adopted
+    done = tmp_path / "o" / "shard-00007"
+    os.makedirs(done)
+    (done / "labels.npy").write_bytes(b"kept")
+    out = run_repa("--prepare", str(src), "--data-dir", str(tmp_path / "o"))
+    assert out.returncode == 2 and "holds shards that no --prepare began" in out.stderr
     assert (done / "labels.npy").read_bytes() == b"kept"
 
 
