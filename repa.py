@@ -2810,6 +2810,13 @@ def parse_args(argv=None):
     return cfg
 
 
+def in_words(error):
+    """The line for an error of the input: a UserError's own, or a file where a folder must be
+    (--results-dir, --data-dir, --sample-dir naming a file, or a file on the way to them)."""
+    return error if isinstance(error, UserError) else \
+        f"a file is where a folder must be: {error.filename}"
+
+
 def main(argv=None):
     cfg = parse_args(argv)
     try:
@@ -2825,9 +2832,9 @@ def main(argv=None):
             if cfg.bench:
                 cfg = replace(cfg, max_steps=cfg.bench, log_every=max(1, cfg.bench // 2))
             train(cfg)
-    except UserError as e:  # bad input: one clear line, no traceback
+    except (UserError, FileExistsError, NotADirectoryError) as e:  # bad input: one clear line
         rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
-        print(f"error: {rank}{e}", file=sys.stderr)
+        print(f"error: {rank}{in_words(e)}", file=sys.stderr)
         sys.exit(2)
     finally:
         if dist.is_initialized():

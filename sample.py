@@ -46,6 +46,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 import warnings
 import zipfile
@@ -904,6 +905,8 @@ def check_args(args):
              (args.fid_ref or not args.evaluate, "--evaluate needs --fid-ref REF"),
              (not args.fid_ref or args.evaluate or args.num_fid_samples,
               "--fid-ref evaluates the samples of --num-fid-samples N (or of --evaluate)"),
+             (re.fullmatch(r"(\d+,)*\d+", args.classes) or not args.classes,
+              f"--classes must be class numbers separated by commas, got {args.classes!r}"),
              (args.mode in ("", "sde", "ode", "ddpm"),
               f"--mode must be sde, ode or ddpm, got {args.mode!r}"),
              (args.path_type in ("",) + repa.PATH_TYPES,
@@ -1037,8 +1040,8 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         run(args)
-    except repa.UserError as e:  # a problem with the input: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
+    except (repa.UserError, FileExistsError, NotADirectoryError) as e:  # the input: one line
+        print(f"error: {repa.in_words(e)}", file=sys.stderr)
         sys.exit(2)
     finally:
         if dist.is_initialized():

@@ -1966,7 +1966,7 @@ def test_missing_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
         sample.load_checkpoint(str(tmp_path / "bad.pt"))
 
 
-def test_pixel_space_grid(tmp_path):
+def test_pixel_space_grid(tmp_path, capsys):
     from PIL import Image
     save_ours(tmp_path / "demo.pt", in_channels=3, input_size=16, patch_size=4)
     argv = ["--ckpt", str(tmp_path / "demo.pt"), "--sample-dir", str(tmp_path), "--num-steps",
@@ -1991,6 +1991,11 @@ def test_pixel_space_grid(tmp_path):
     sample.main(argv + ["--classes", "1,2", "--per-class", "2"])  # another grid, another file
     grids = sorted(p for p in os.listdir(tmp_path) if p.endswith("-grid.png"))
     assert len(grids) == 2 and grids[0].endswith("-classes1_2-x2-grid.png")
+    with pytest.raises(SystemExit) as e:  # a file where the folder must be: one line
+        sample.main(argv[:2] + ["--sample-dir", str(tmp_path / "demo.pt"), "--num-steps", "2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err == f"error: a file is where a folder must be: {tmp_path / 'demo.pt'}\n"
 
 
 def run_cli(args, env=None, nproc=None):
@@ -2455,6 +2460,7 @@ def test_evaluation_input_errors_are_one_line(tmp_path, capsys):
             (["--evaluate", samples, "--fid-ref", str(tmp_path)], "no images in this folder"),
             (["--evaluate", str(tmp_path / "text.npz"), "--fid-ref", samples], "cannot read"),
             (["--evaluate", samples], "--evaluate needs --fid-ref"),
+            (["--ckpt", "c.pt", "--classes", "1,x"], "--classes must be class numbers"),
             (["--ckpt", "c.pt", "--fid-ref", samples], "--fid-ref evaluates the samples of")]:
         with pytest.raises(SystemExit) as e:
             sample.main(argv)
