@@ -58,6 +58,7 @@ import contextlib
 import copy
 import datetime
 import functools
+import hashlib
 import itertools
 import json
 import math
@@ -2082,7 +2083,6 @@ class Logger:
             self.file.write(json.dumps({"resumed_at": run.step}) + "\n")
         self.wandb = None
         if self.writes and cfg.wandb:
-            import hashlib
             import wandb  # only when asked for
             self.wandb = wandb.init(project=cfg.wandb, name=cfg.exp_name, dir=run.dir,
                                     config=asdict(cfg), resume="allow", id=hashlib.sha1(
@@ -2690,8 +2690,8 @@ def plot_alignment(result, path):
 def analyze_checkpoint(cfg):
     """--analyze: for a checkpoint (ours, an official one, a run folder), CKNNA and linear-probe
     accuracy of the hidden state after every block at every t; writes analysis.json and
-    analysis.png under <run>/analysis/<checkpoint>/ for a checkpoint of a run folder (so that
-    two runs' analyses never overwrite each other), else under results_dir/exp_name. Feature
+    analysis.png under <run>/analysis/<checkpoint>-<settings' hash>/ for a checkpoint of a run
+    folder (so that no analysis overwrites another), else under results_dir/exp_name. Feature
     extraction is split over torchrun's ranks; rank 0 computes the metrics."""
     import sample  # lazily, as Grids: sample.py imports this file
     rank, world, device = setup_distributed()
@@ -2720,7 +2720,12 @@ def analyze_checkpoint(cfg):
         if not (os.path.basename(folder) == "checkpoints" and
                 os.path.isfile(os.path.join(run_dir, "config.json"))):
             run_dir = os.path.join(cfg.results_dir, cfg.exp_name)  # a file of no run of ours
-        out = os.path.join(run_dir, "analysis", os.path.splitext(name)[0])
+        # every setting that changes the numbers picks the folder, so none replaces another's
+        settings = {k: getattr(cfg, k) for k in ANALYSIS_ONLY[1:] + (
+            "knn", "seed", "demo", "enc_type", "data_dir")}
+        digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+        out = os.path.join(run_dir, "analysis", f"{os.path.splitext(name)[0]}-{digest}")
+        result["settings"] = settings
         os.makedirs(out, exist_ok=True)
         atomic_write(os.path.join(out, "analysis.json"),
                      lambda f: json.dump(result, f, indent=1), "w")

@@ -2685,8 +2685,9 @@ def test_analyze_runs_end_to_end_on_the_demo_and_training_logs_alignment(tmp_pat
     out = run_repa("--demo", "--analyze", str(tmp_path / "demo"), "--analyze-images", "48",
                    "--analyze-t", "0,0.5", "--probe-epochs", "1", "--results-dir", str(tmp_path))
     assert out.returncode == 0, out.stderr[-2000:]
-    folder = tmp_path / "demo" / "analysis" / "0000002"
+    (folder,) = (tmp_path / "demo" / "analysis").glob("0000002-*")  # the checkpoint, settings
     result = json.load(open(folder / "analysis.json"))
+    assert result["settings"]["analyze_images"] == 48
     assert result["images"] == 48 and result["t"] == [0.0, 0.5] and result["knn"] == 10
     assert [len(v) for v in result["probe"].values()] == [6, 6]  # T/2 has 6 blocks
     (enc,) = result["encoders"].values()
@@ -2700,10 +2701,12 @@ def test_analyze_on_two_processes_equals_one(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     args = ["--demo", "--analyze", str(tmp_path / "demo"), "--analyze-images", "30",
             "--analyze-t", "0.25", "--probe-epochs", "5"]
-    result = tmp_path / "demo" / "analysis" / "0000001" / "analysis.json"  # in the run's folder
     one = run_repa(*args, "--results-dir", str(tmp_path / "elsewhere"))
     assert one.returncode == 0, one.stderr[-2000:]
+    (result,) = (tmp_path / "demo" / "analysis").glob("0000001-*/analysis.json")  # in the run
     a = json.load(open(result))
+    other = run_repa(*args[:-1], "6", "--results-dir", str(tmp_path / "elsewhere"))
+    assert other.returncode == 0 and len(list(result.parent.parent.iterdir())) == 2  # one more
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                           "--standalone", os.path.join(HERE, "repa.py"), *args], capture_output=True,
                          text=True, timeout=300, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
