@@ -1864,6 +1864,19 @@ def test_ddpm_sampler_equals_official(steps, cfg_scale, monkeypatch):
                       for e in [(batch, torch.int64, k), "noise"]]
 
 
+def test_ddpm_guidance_interval_is_read_on_the_original_timesteps(monkeypatch):
+    # respaced to 10 steps, step i calls the model at k = kept[i]; guidance is on while k / 1000
+    # is in [0, 0.5] (not i / 10): the guided calls are the doubled batches
+    model, batches = tiny_dit(), []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda x, t, y: batches.append(len(x)) or forward(x, t, y))
+    sample.sample_ddpm(model, torch.randn(2, 4, 8, 8), torch.tensor([3, 5]), 10, cfg_scale=4,
+                       guidance_high=0.5)
+    kept = repa.space_timesteps(10)
+    assert batches == [4 if k / 1000 <= 0.5 else 2 for k in reversed(kept)]
+    assert 2 in batches and 4 in batches
+
+
 def test_ddpm_sampler_generator_equals_seeded_global_rng():
     model, z, y = tiny_dit(), torch.randn(2, 4, 8, 8), torch.tensor([3, 5])
     torch.manual_seed(7)
@@ -2571,6 +2584,21 @@ def test_linear_probe_learns_separable_features_and_nothing_from_shuffled_labels
     assert short[0] > 0.5 and short[1] == pytest.approx(short[0], abs=0.01)
     shuffled = y[torch.randperm(2000, generator=g)]
     assert repa.linear_probe(x[:1600], shuffled[:1600], x[1600:], shuffled[1600:], 10) < 0.2
+    # the test rows are standardised with the training statistics, not their own: test points of
+    # one class only, at +1 where training saw -1 and +1, are all of that class
+    sign = torch.arange(400) % 2
+    train = (2.0 * sign - 1 + 0.1 * torch.randn(400, generator=g))[:, None]
+    test = 1 + 0.1 * torch.randn(100, 1, generator=g)
+    assert repa.linear_probe(train, sign, test, torch.ones(100, dtype=torch.long), 2) == 1
+
+
+def test_linear_probe_takes_every_batch_of_every_epoch(monkeypatch):
+    seen, fit = [], repa.fit
+    monkeypatch.setattr(repa, "fit", lambda params, loss, steps, *a: (
+        seen.append(steps), fit(params, loss, steps, *a)))
+    x, y = torch.randn(70, 4), torch.randint(0, 3, (70,))
+    repa.linear_probe(x, y, x, y, 3, epochs=3, batch_size=16)
+    assert seen == [3 * 4]  # 4 whole batches of 16 in 70 rows, each epoch
 
 
 def test_hidden_states_are_the_blocks_outputs_and_need_no_label():
