@@ -1869,7 +1869,8 @@ def test_ddpm_guidance_interval_is_read_on_the_original_timesteps(monkeypatch):
     # is in [0, 0.5] (not i / 10): the guided calls are the doubled batches
     model, batches = tiny_dit(), []
     forward = model.forward
-    monkeypatch.setattr(model, "forward", lambda x, t, y: batches.append(len(x)) or forward(x, t, y))
+    monkeypatch.setattr(model, "forward",
+                        lambda x, t, y: batches.append(len(x)) or forward(x, t, y))
     sample.sample_ddpm(model, torch.randn(2, 4, 8, 8), torch.tensor([3, 5]), 10, cfg_scale=4,
                        guidance_high=0.5)
     kept = repa.space_timesteps(10)
