@@ -2025,7 +2025,8 @@ def resume_run(run):
     cfg = run.cfg
     path = newest = None  # the checkpoint to resume; the newest in the run folder
     if run.rank == 0 and not cfg.bench:
-        newest = newest_checkpoint(run.ckpt_dir)
+        if cfg.resume in ("auto", "none"):  # a PATH needs no look at the run folder
+            newest = newest_checkpoint(run.ckpt_dir)
         path = newest if cfg.resume == "auto" else None if cfg.resume == "none" else \
             checkpoint_in(cfg.resume)
     if dist.is_initialized():
@@ -2721,8 +2722,8 @@ def analyze_checkpoint(cfg):
                 os.path.isfile(os.path.join(run_dir, "config.json"))):
             run_dir = os.path.join(cfg.results_dir, cfg.exp_name)  # a file of no run of ours
         # every setting that changes the numbers picks the folder, so none replaces another's
-        settings = {k: getattr(cfg, k) for k in ANALYSIS_ONLY[1:] + (
-            "knn", "seed", "demo", "enc_type", "data_dir")}
+        settings = {k: getattr(cfg, k) for k in ANALYSIS_ONLY + (
+            "knn", "seed", "demo", "enc_type", "data_dir") if k != "analyze"}
         digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
         out = os.path.join(run_dir, "analysis", f"{os.path.splitext(name)[0]}-{digest}")
         result["settings"] = settings
