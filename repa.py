@@ -1314,23 +1314,31 @@ def _rotated(u, v, angle):
 
 class DemoDataset(torch.utils.data.Dataset):
     """A procedural, class-conditional dataset generated in memory, for `--demo`: 16 x 16 images
-    of one light shape, the class, on a dark background; its size, rotation and colour, its place
-    near the centre, and the background's colour and gradient, are random, so that a model must
-    learn the shape itself. Training on it is in pixel space (no VAE): the 'moments' are the image
-    in [-1, 1] with std 0, so the training step is the same code as for latents, with scale 1.
+    of one light shape, the class, on a dark background; its size, turn (up to `turn` radians
+    either way) and colour, its place near the centre, and the background's colour and gradient,
+    are random, so that a model must learn the shape itself. Training on it is in pixel space (no
+    VAE): the 'moments' are the image in [-1, 1] with std 0, so the training step is the same code
+    as for latents, with scale 1.
 
     Why centred and always lighter: a SiT learns the mean of the clean image given the noisy one
     and the label, and at high noise the label can move that mean only as far as the classes'
     mean images lie apart. With shapes anywhere, light or dark (version 1), they were nearly one
-    image (rms distance 0.012 from their mean; 0.20 here): the label moved the velocity by 3-7%
-    of its norm even after 4,000 steps, and at 1,000 steps 0.14-0.17 of the samples were of
-    their class, 0.45-0.50 here (README, "How the demo got here")."""
+    image (rms distance 0.012 from their mean; 0.20 in version 2, 0.26 here): the label moved the
+    velocity by 3-7% of its norm even after 4,000 steps, and at 1,000 steps 0.14-0.17 of the
+    samples were of their class, 0.45-0.50 in version 2 (any turn).
+
+    Why turned by at most 0.5 radians (about 30 degrees), not by any angle as in version 2: a class
+    whose shape may take any turn is a ring of images, and a sample must pick one turn and keep it
+    from the first, noisiest steps on. After 1,000 steps the SiT drew bars as specks and Ls and
+    triangles as fragments; with the turns limited, bars, crescents and half-disks come out whole
+    and three quarters of the samples are of their class without guidance (README, "How the demo
+    got here")."""
     latent_scale = 1.0
     num_classes, resolution = 10, 16
-    version = 2  # of the images: the encoder and judge cached for another version are not used
+    version = 3  # of the images: the encoder and judge cached for another version are not used
     # half a shape's extent, its centre's offset from the image's centre (each axis), in pixels;
-    # the background's gradient
-    size_range, jitter, ramp = (5, 6.7), 1.0, 0.05
+    # its largest turn either way, in radians; the background's gradient
+    size_range, jitter, turn, ramp = (5, 6.7), 1.0, 0.5, 0.05
     class_names = ["disk", "ring", "square", "frame", "triangle", "plus", "bar", "crescent", "L",
                    "half-disk"]
     # inside(u, v, r) for each class: (u, v) the rotated offset from the centre in units of the
@@ -1355,7 +1363,8 @@ class DemoDataset(torch.utils.data.Dataset):
         self.labels = torch.randint(0, self.num_classes, (n,), generator=g)
         size = uniform(*self.size_range, n, 1, 1)  # half the shape's extent, in pixels
         cx, cy = (r / 2 + uniform(-self.jitter, self.jitter, n, 1, 1) for _ in "xy")
-        u, v = _rotated((xx - cx) / size, (yy - cy) / size, uniform(0, 2 * math.pi, n, 1, 1))
+        turn = uniform(-self.turn, self.turn, n, 1, 1)
+        u, v = _rotated((xx - cx) / size, (yy - cy) / size, turn)
         mask = torch.empty(n, r, r, dtype=torch.bool)
         for c, inside in enumerate(self.shapes):  # each image tested against its own shape only
             k = self.labels == c

@@ -952,6 +952,16 @@ def test_demo_dataset_is_class_conditional_and_in_the_reader_format():
     rows = torch.arange(16.0) + 0.5
     centre_y = (fg[disks] * rows[:, None]).sum((1, 2)) / fg[disks].sum((1, 2))
     assert (centre_y - 8).abs().max() < 1.5 and centre_y.std() > 0.3
+    # ... and turned by at most `turn` either way: a bar's long axis (from its second moments)
+    # lies within 0.5 radians of the horizontal, up to the pixel grid, and uses that whole range
+    bars = fg[labels == 6].float()
+    y, x = (rows - 8)[:, None].expand(16, 16), (rows - 8)[None, :].expand(16, 16)
+    moment = lambda a, b: (bars * a * b).sum((1, 2)) / bars.sum((1, 2))
+    cx, cy = moment(x, 1), moment(y, 1)
+    cxx, cyy, cxy = (moment(x, x) - cx * cx, moment(y, y) - cy * cy, moment(x, y) - cx * cy)
+    axis = 0.5 * torch.atan2(2 * cxy, cxx - cyy)
+    assert len(bars) > 20
+    assert axis.abs().max() < 0.5 + 0.12 and axis.abs().max() > 0.5 - 0.12
 
 
 def test_fit_steps_with_warmup_then_half_cosine():
