@@ -1304,7 +1304,7 @@ def loader(dataset, sampler, workers=4):
 #################################################################################
 # A laptop-sized stand-in for ImageNet + DINOv2 + Inception: 16 x 16 images of ten light shapes
 # near the centre, with everything else random; a small ViT pretrained on them without labels
-# (SimCLR, a contrastive objective as MoCo v3's, in 2.5 minutes) as the alignment target; and a
+# (SimCLR, a contrastive objective as MoCo v3's, in a minute or two) as the alignment target; and a
 # CNN on the labels to judge the samples (FD_demo and class accuracy). The target never judges.
 
 def _rotated(u, v, angle):
@@ -1417,7 +1417,7 @@ def cache_once(name, make, module, every_rank=False):
 
 DEMO_ENCODER = "demo-simclr-vit"
 DEMO_PATCH = 2  # the encoder's patch side: an 8 x 8 grid, the tokens of a T/2 SiT
-DEMO_ENCODER_STEPS = 200  # SimCLR steps of 2 x 128 views: 2.5 min on 2 cores with its probe, once
+DEMO_ENCODER_STEPS = 200  # SimCLR steps of 2 x 128 views: 1.4-2.5 min on 2 cores with its probe
 
 
 class Standardize(nn.Module):

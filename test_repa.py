@@ -2097,14 +2097,14 @@ def test_demo_trains_and_both_losses_fall(tmp_path):
     made = cache / f"shapes-v{repa.DemoDataset.version}"
     encoder = torch.load(made / "demo-simclr-vit.pt", weights_only=True)["info"]
     judge = torch.load(made / "demo-judge.pt", weights_only=True)["info"]
-    assert encoder["probe"] > 0.5 and judge["accuracy"] > 0.9  # measured 0.71, 0.999; chance 0.1
+    assert encoder["probe"] > 0.5 and judge["accuracy"] > 0.9  # measured 0.80, 1.0; chance 0.1
     rows = [json.loads(l) for l in open(tmp_path / "demo" / "metrics.jsonl")]
     every = repa.DEMO["align_every"]  # and its measurements (--align-every) in the same file
     scores = [r for r in rows if "fd_demo" in r]
     assert [r["step"] for r in scores] == list(range(every, steps + 1, every))
     assert scores[-1]["fd_demo"] < 0.5 * scores[0]["fd_demo"]
-    # aligned: at step 500, 0.119 / 0.157 / 0.142 at block 2 for seeds 0 / 1 / 2 (vanilla runs
-    # of the same seeds: 0.057 / 0.055 / 0.068)
+    # aligned: at step 500, 0.167 / 0.118 / 0.146 at block 2 for seeds 0 / 1 / 2 (vanilla runs
+    # of the same seeds: 0.058 / 0.040 / 0.059)
     assert scores[-1]["cknna/demo-simclr-vit/block2"] > 0.09
     rows = [r for r in rows if "loss" in r]
     first, last = rows[0], rows[-1]
