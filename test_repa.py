@@ -925,6 +925,17 @@ def test_reader_benchmark_prints_samples_per_second(tmp_path):
     assert "samples/s" in out.stdout and float(out.stdout.split()[1]) > 0
 
 
+def long_axis(mask):
+    """The angle of the long axis of each boolean mask (N, H, W) to the horizontal, in (-pi/2,
+    pi/2], from its second central moments (which no shift of the origin changes)."""
+    y, x = torch.arange(float(mask.shape[1]))[:, None], torch.arange(float(mask.shape[2]))
+    m = mask.float()
+    moment = lambda a, b: (m * a * b).sum((1, 2)) / m.sum((1, 2))
+    cx, cy = moment(x, 1), moment(y, 1)
+    return 0.5 * torch.atan2(2 * (moment(x, y) - cx * cy),
+                             moment(x, x) - cx * cx - moment(y, y) + cy * cy)
+
+
 def test_demo_dataset_is_class_conditional_and_in_the_reader_format():
     data = repa.DemoDataset(n=400)
     images, moments, labels = data.__getitems__(list(range(400)))
@@ -954,12 +965,8 @@ def test_demo_dataset_is_class_conditional_and_in_the_reader_format():
     assert (centre_y - 8).abs().max() < 1.5 and centre_y.std() > 0.3
     # ... and turned by at most `turn` either way: a bar's long axis (from its second moments)
     # lies within 0.5 radians of the horizontal, up to the pixel grid, and uses that whole range
-    bars = fg[labels == 6].float()
-    y, x = (rows - 8)[:, None].expand(16, 16), (rows - 8)[None, :].expand(16, 16)
-    moment = lambda a, b: (bars * a * b).sum((1, 2)) / bars.sum((1, 2))
-    cx, cy = moment(x, 1), moment(y, 1)
-    cxx, cyy, cxy = (moment(x, x) - cx * cx, moment(y, y) - cy * cy, moment(x, y) - cx * cy)
-    axis = 0.5 * torch.atan2(2 * cxy, cxx - cyy)
+    bars = fg[labels == 6]
+    axis = long_axis(bars)
     assert len(bars) > 20
     assert axis.abs().max() < 0.5 + 0.12 and axis.abs().max() > 0.5 - 0.12
 
@@ -995,12 +1002,7 @@ def test_simclr_views_keep_the_shape_and_change_the_rest():
     def axis(x):
         bright = x.float().mean(1)
         side = bright > bright.mean((1, 2), keepdim=True)
-        side = torch.where(side.float().mean((1, 2), keepdim=True) > 0.5, ~side, side).float()
-        y, x = (torch.arange(16.0) - 7.5)[:, None].expand(16, 16), (torch.arange(16.0) - 7.5)
-        moment = lambda a, b: (side * a * b).sum((1, 2)) / side.sum((1, 2))
-        cx, cy = moment(x, 1), moment(y, 1)
-        return 0.5 * torch.atan2(2 * (moment(x, y) - cx * cy),
-                                 moment(x, x) - cx * cx - moment(y, y) + cy * cy)
+        return long_axis(torch.where(side.float().mean((1, 2), keepdim=True) > 0.5, ~side, side))
     data = repa.DemoDataset(2000, seed=3)
     bars = data.images[data.labels == 6]
     before, after = axis(bars), axis(repa.simclr_view(bars, g))
