@@ -1063,6 +1063,20 @@ def test_speedups_read_along_the_run_use_only_what_repa_had_measured_by_then():
     assert repa.speedups(vanilla, repa_) == [None, 200 / 175, 1.5, None]
 
 
+def test_gap_and_slope_read_a_power_law_and_predict_the_speedup():
+    steps = [250, 500, 750, 1000]
+    vanilla = (steps, [90 * n ** -0.9 for n in steps])  # falls as step^-0.9
+    repa_ = (steps, [v / 1.25 for v in vanilla[1]])  # 1.25 times lower at every step
+    r, s = repa.gap_and_slope(vanilla, repa_)
+    assert r == pytest.approx(1.25) and s == pytest.approx(0.9)
+    # REPA reaches vanilla's value of step 1000 at 1000 / 1.25^(1/0.9) = 780.6 on the power law;
+    # speedups reads a little less, as it interpolates linearly between measurements
+    assert repa.speedups(vanilla, repa_)[-1] == pytest.approx(1.25 ** (1 / 0.9), rel=0.02)
+    # only the last two measurements set the slope, and only the last the gap
+    early = (steps, [500.0, 7.0, *vanilla[1][2:]])
+    assert repa.gap_and_slope(early, (steps, [1.0, 99.0, *repa_[1][2:]])) == pytest.approx((r, s))
+
+
 # ---------------------------------------------------------------------------------------------
 # Training: DDP equals accumulation; a resume (also after SIGTERM) continues exactly;
 # checkpoints are atomic and in the official layout; bad input is one clear line.
@@ -2163,6 +2177,7 @@ def test_compare_trains_both_from_the_same_start_and_reports(tmp_path, capsys):
     assert report.count("\n| 1 | ") == 1 and report.count("\n| 2 | ") == 1
     assert all(row.count("|") == 11 for row in report.splitlines() if row.startswith("| "))
     assert "vanilla's final FD_demo" in report and "REPA" in capsys.readouterr().out
+    assert "times lower than vanilla's, and vanilla's falls as step^-" in report
     assert f"at lr {repa.DEMO['lr']:g} (both runs)" in report
     assert os.path.getsize(tmp_path / "demo" / "compare.png") > 10_000
     # run again: nothing is trained, the report is written again (a grid that sample.py put
