@@ -2449,6 +2449,16 @@ def gap_and_slope(vanilla, repa):
     return r, s
 
 
+def explain_speedup(vanilla, repa):
+    """compare.md's sentence on gap_and_slope: the gap, the slope and the speed-up they predict."""
+    r, s = gap_and_slope(vanilla, repa)
+    return f"At the last step REPA's FD_demo is {r:.2f} times lower than vanilla's, " + (
+        f"and vanilla's falls as step^-{s:.2f} (its last two measurements): on that power law "
+        f"{r:.2f}^(1/{s:.2f}) = {r ** (1 / s):.2f}x fewer steps (the paper: 2.2 times lower at "
+        f"400K steps, on a curve falling as step^-0.25)." if s > 0 else
+        "and vanilla's did not fall over its last two measurements.")
+
+
 def plot_compare(curves, metrics, folder, cfg):
     """compare.png: the four curves, vanilla against REPA, over the grids of both at the last
     two grid steps, drawn from the same noise."""
@@ -2568,19 +2578,13 @@ def demo_compare(cfg):
     final = "; ".join(f"{m} {curves['vanilla'][m][1][-1]:.4g} -> {curves['REPA'][m][1][-1]:.4g}"
                       for m in metrics)
     steps, fd = curves["vanilla"]["fd_demo"]
-    ups = speedups(curves["vanilla"]["fd_demo"], curves["REPA"]["fd_demo"])
+    fds = curves["vanilla"]["fd_demo"], curves["REPA"]["fd_demo"]
+    ups = speedups(*fds)
     speedup = (f"REPA reaches vanilla's final FD_demo ({fd[-1]:.1f} at step {steps[-1]}) at step "
                f"{steps[-1] / ups[-1]:.0f}: {ups[-1]:.1f}x fewer steps" if ups[-1] else
                f"REPA does not reach vanilla's final FD_demo ({fd[-1]:.1f} at step {steps[-1]}) "
                f"within {steps[-1]} steps")
-    why = []
-    if len(steps) > 1:
-        r, s = gap_and_slope(curves["vanilla"]["fd_demo"], curves["REPA"]["fd_demo"])
-        why = [f"At the last step REPA's FD_demo is {r:.2f} times lower than vanilla's, and "
-               f"vanilla's falls as step^-{s:.2f} (its last two measurements)" +
-               (f": on that power law {r:.2f}^(1/{s:.2f}) = {r ** (1 / s):.2f}x fewer steps "
-                f"(the paper: 2.2 times lower at 400K steps, on a curve falling as step^-0.25)."
-                if s > 0 else "."), ""]
+    why = [explain_speedup(*fds), ""] if len(steps) > 1 else []
     lines = [f"# --demo --compare, seed {cfg.seed}", "",
              f"{cfg.model}, {cfg.max_steps} steps of batch {cfg.batch_size} at lr {cfg.lr:g} "
              f"(both runs), lambda {cfg.proj_coeff} at block {block}, target {DEMO_ENCODER}; "
