@@ -2452,7 +2452,7 @@ def gap_and_slope(vanilla, repa):
 def explain_speedup(vanilla, repa):
     """compare.md's sentence on gap_and_slope: the gap, the slope and the speed-up they predict."""
     r, s = gap_and_slope(vanilla, repa)
-    return f"At the last step REPA's FD_demo is {r:.2f} times lower than vanilla's, " + (
+    return f"At the last step vanilla's FD_demo is {r:.2f} times REPA's, " + (
         f"and vanilla's falls as step^-{s:.2f} (its last two measurements): on that power law "
         f"{r:.2f}^(1/{s:.2f}) = {r ** (1 / s):.2f}x fewer steps (the paper: 2.2 times lower at "
         f"400K steps, on a curve falling as step^-0.25)." if s > 0 else
