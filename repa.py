@@ -2577,9 +2577,8 @@ def demo_compare(cfg):
                aligned: "linear probe, aligned block"}
     final = "; ".join(f"{m} {curves['vanilla'][m][1][-1]:.4g} -> {curves['REPA'][m][1][-1]:.4g}"
                       for m in metrics)
-    steps, fd = curves["vanilla"]["fd_demo"]
     fds = curves["vanilla"]["fd_demo"], curves["REPA"]["fd_demo"]
-    ups = speedups(*fds)
+    (steps, fd), ups = fds[0], speedups(*fds)
     speedup = (f"REPA reaches vanilla's final FD_demo ({fd[-1]:.1f} at step {steps[-1]}) at step "
                f"{steps[-1] / ups[-1]:.0f}: {ups[-1]:.1f}x fewer steps" if ups[-1] else
                f"REPA does not reach vanilla's final FD_demo ({fd[-1]:.1f} at step {steps[-1]}) "
