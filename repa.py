@@ -1335,6 +1335,8 @@ class DemoDataset(torch.utils.data.Dataset):
     got here")."""
     latent_scale = 1.0
     num_classes, resolution = 10, 16
+    description = ("demo: procedural shapes in pixel space (no VAE); the alignment target is "
+                   "demo-simclr-vit, a ViT pretrained on the shapes without labels (SimCLR)")
     version = 3  # of the images: the encoder and judge cached for another version are not used
     # half a shape's extent, its centre's offset from the image's centre (each axis), in pixels;
     # its largest turn either way, in radians; the background's gradient
@@ -1692,8 +1694,9 @@ CHOICES = dict(path_type=PATH_TYPES, weighting=WEIGHTINGS, precision=("auto", "b
 DEMO_ONLY = ("data_dir", "resolution", "vae", "enc_type")  # the demo has its own data and target
 
 
-def check_config(cfg, world=1):
-    """Every name and value, before anything is read or built: one line that names the bad one."""
+def check_config(cfg, world=1, named_encoders=True):
+    """Every name and value, before anything is read or built: one line that names the bad one.
+    named_encoders False: a tool supplies the encoders (train's `encoders`), not --enc-type."""
     for name, (ok, rule) in LIMITS.items():
         value = getattr(cfg, name)
         if not (math.isfinite(value) and ok(value)):
@@ -1710,7 +1713,7 @@ def check_config(cfg, world=1):
                             f"{cfg.knn + 3}, got {getattr(cfg, name)}")
     if cfg.analyze:  # the model comes from the checkpoint: only the measurement is checked
         parse_times(cfg.analyze_t)
-        for entry in [] if cfg.demo else cfg.enc_type.split(","):
+        for entry in cfg.enc_type.split(",") if named_encoders else []:
             parse_encoder(entry)
         return
     if cfg.prepare or cfg.bench_data:  # neither trains: only the image size matters
@@ -1732,20 +1735,15 @@ def check_config(cfg, world=1):
         raise UserError("--compare trains the demo with and without REPA and measures both: it "
                         "needs --demo, a --proj-coeff above 0 and an --align-every from 1 to "
                         "--max-steps")
-    if cfg.demo:
-        if cfg.enc_type != DEMO_ENCODER:
-            raise UserError(f"--demo aligns to {DEMO_ENCODER}; drop --enc-type")
-        tokens = (DemoDataset.resolution // size["patch_size"]) ** 2
-        patches = [(DemoDataset.resolution // DEMO_PATCH) ** 2]
-    else:
-        names = [parse_encoder(e) for e in cfg.enc_type.split(",")]
+    if named_encoders:
+        for entry in cfg.enc_type.split(","):
+            parse_encoder(entry)
         # 224 px DINOv2/CLIP (patch 14) and 256 px DINOv3 (patch 16) give a (R/16)^2 grid
         tokens = (cfg.resolution // VAE_DOWNSAMPLE // size["patch_size"]) ** 2
-        patches = [(cfg.resolution // 16) ** 2] * len(names)
-    if any(p != tokens for p in patches):
-        raise UserError(f"REPA pairs each SiT token with an encoder patch, but {cfg.model} has "
-                        f"{tokens} tokens and the encoder {patches[0]} patches: use patch size "
-                        f"{DEMO_PATCH if cfg.demo else 2}")
+        if tokens != (cfg.resolution // 16) ** 2:
+            raise UserError(f"REPA pairs each SiT token with an encoder patch, but {cfg.model} "
+                            f"has {tokens} tokens and the encoder {(cfg.resolution // 16) ** 2} "
+                            f"patches: use patch size 2")
     if cfg.batch_size % (world * cfg.grad_accum):
         raise UserError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes x "
                         f"{cfg.grad_accum} accumulation steps")
@@ -1854,17 +1852,19 @@ class Run:
         return os.path.join(self.dir, "checkpoints")
 
 
-def build(cfg, device):
-    """(dataset, encoders, model_kwargs) for a run: the demo's, random data for --bench, or the
-    prepared shards with the pretrained encoders."""
-    if cfg.demo:
-        dataset, encoders = DemoDataset(), demo_encoders(device)
+def build(cfg, device, data=None, encoders=None):
+    """(dataset, encoders, model_kwargs) for a run: a tool's own (train's `data` and `encoders`),
+    random data for --bench, or the prepared shards with the pretrained encoders."""
+    if data:
+        dataset = data()
     else:
         dataset = RandomData(cfg.resolution) if cfg.bench else ShardDataset(cfg.data_dir)
-        # --bench: the same encoder classes with random weights (the cost is the same)
+    if encoders:
+        encoders = encoders(device)
+    else:  # --bench: the same encoder classes with random weights (the cost is the same)
         encoders = load_encoders(cfg.enc_type, dataset.resolution, device,
                                  **({"pretrained": False} if cfg.bench else {}))
-    pixels = dataset.latent_scale == 1  # the demo trains on pixels, everything else on latents
+    pixels = dataset.latent_scale == 1  # scale 1: the 'moments' are pixels in [-1, 1], no VAE
     model_kwargs = dict(size_config(cfg.model), in_channels=3 if pixels else 4,
                         input_size=dataset.resolution // (1 if pixels else VAE_DOWNSAMPLE),
                         num_classes=dataset.num_classes, projector_dim=cfg.projector_dim,
@@ -1872,18 +1872,24 @@ def build(cfg, device):
                         z_dims=[e.dim for e in encoders])
     if cfg.encoder_depth:
         model_kwargs["encoder_depth"] = cfg.encoder_depth
+    tokens = (model_kwargs["input_size"] // model_kwargs["patch_size"]) ** 2
+    for enc in encoders:  # named encoders were checked by check_config; a tool's are checked here
+        if enc.tokens != tokens:
+            raise UserError(f"REPA pairs each SiT token with an encoder patch, but {cfg.model} "
+                            f"has {tokens} tokens and {enc.name} {enc.tokens} patches")
     return dataset, encoders, model_kwargs
 
 
-def start_run(cfg):
-    """Processes, precision, data, encoders, the model, its EMA and the optimiser."""
+def start_run(cfg, data=None, encoders=None):
+    """Processes, precision, data, encoders, the model, its EMA and the optimiser (`data` and
+    `encoders` as in train)."""
     rank, world, device = setup_distributed()
-    check_config(cfg, world)
+    check_config(cfg, world, named_encoders=encoders is None)
     cuda = device.type == "cuda"
     precision = ("bf16" if cuda else "fp32") if cfg.precision == "auto" else cfg.precision
     # TF32 for the fp32 matmuls autocast leaves (and the optimiser's); off when fp32 is asked for
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
-    dataset, encoders, model_kwargs = build(cfg, device)
+    dataset, encoders, model_kwargs = build(cfg, device, data, encoders)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run
     model = SiT(**model_kwargs).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # starts equal to the model
@@ -1946,7 +1952,8 @@ def train_step(run, micro_batches):
 #################################################################################
 # {"model", "ema", "opt", "args", "steps"} as the official checkpoints (`args` a plain dict of the
 # Config, so that torch.load(weights_only=True) needs no allow-list), plus "model_kwargs" (the
-# exact SiT(...) call) and "data" (where the data order continues).
+# exact SiT(...) call), "data" (where the data order continues) and, where the data set names its
+# classes, "class_names".
 METHOD_FIELDS = ("demo", "model", "enc_type", "encoder_depth", "projector_dim", "proj_coeff",
                  "path_type", "weighting", "cfg_prob", "qk_norm", "batch_size", "seed")
 
@@ -1972,6 +1979,8 @@ def save_checkpoint(run, name):
                  "model_kwargs": run.model_kwargs,
                  "data": {"epoch": consumed // run.sampler.per_epoch,
                           "position": consumed % run.sampler.per_epoch}}
+        if getattr(run.dataset, "class_names", None):  # sample.py labels its grids with them
+            state["class_names"] = list(run.dataset.class_names)
         write_checkpoint(os.path.join(run.ckpt_dir, name), state)
     barrier()
 
@@ -2224,12 +2233,12 @@ class AlignmentLog:
     probe's accuracy at the aligned block (trained on the first half of the set, tested on the
     second): rows of metrics.jsonl that show a run's representation forming. The encoders'
     features are computed once; a measurement is one forward pass of the EMA over the set, on
-    rank 0, where the grids are drawn, outside the step."""
+    rank 0, where the grids are drawn, outside the step. `data`: the images' data set (of the
+    reader's format), the training set's if None."""
 
-    def __init__(self, run):
+    def __init__(self, run, data=None):
         cfg, self.run = run.cfg, run
-        # the demo measures on shapes it never trains on; a real run on fixed training images
-        data = DemoDataset(cfg.align_images, seed=DEMO_HELDOUT_SEED) if cfg.demo else run.dataset
+        data = run.dataset if data is None else data
         g = torch.Generator().manual_seed(cfg.seed)
         rows = torch.randperm(len(data), generator=g)[:cfg.align_images].sort().values.numpy()
         images, moments, self.labels = data.__getitems__(rows)
@@ -2244,7 +2253,7 @@ class AlignmentLog:
         self.blocks = sorted({run.model.encoder_depth, len(run.model.blocks)})
 
     @torch.no_grad()
-    def measure(self):
+    def __call__(self):
         run, aligned = self.run, self.run.model.encoder_depth
         with self.autocast:
             feats = torch.cat([block_features(
@@ -2260,7 +2269,7 @@ class AlignmentLog:
                 f"probe/block{aligned}": round(probe, 4)}
 
 
-class DemoScore(AlignmentLog):
+class DemoScore:
     """The demo's --align-every adds the judge's verdict on samples of the EMA (as FID and the
     paper's samples judge a real run): FD_demo, the Fréchet distance between the judge's features
     of the samples and of the held-out images (sample.py's FID code), and the share of samples the
@@ -2269,49 +2278,50 @@ class DemoScore(AlignmentLog):
     (the paper's headline FID at 400K steps is without guidance)."""
 
     def __init__(self, run, num_steps=6):
-        super().__init__(run)
+        # alignment is measured on shapes the run never trains on
+        heldout = DemoDataset(run.cfg.align_images, seed=DEMO_HELDOUT_SEED)
+        self.run, self.align = run, AlignmentLog(run, heldout)
         import sample  # a lazy import, since sample.py imports this file
         self.judge, info = demo_judge(run.device)
         self.sample = sample
         print0(f"the demo's judge: accuracy {info['accuracy']:.3f} on held-out shapes")
         with torch.no_grad():
-            real = DemoDataset(run.cfg.align_images, seed=DEMO_HELDOUT_SEED).images
-            self.real = sample.gaussian_statistics(self.judge.features(real.to(run.device)).cpu())
+            real = self.judge.features(heldout.images.to(run.device)).cpu()
+            self.real = sample.gaussian_statistics(real)
         g = torch.Generator().manual_seed(run.cfg.seed + 1)
-        n, classes = len(self.x), run.model.num_classes
-        self.sample_labels = (torch.arange(n) % classes).to(run.device)
-        self.sample_noise = torch.randn(self.x.shape, generator=g).to(run.device)
+        shape, classes = self.align.x.shape, run.model.num_classes
+        self.sample_labels = (torch.arange(shape[0]) % classes).to(run.device)
+        self.sample_noise = torch.randn(shape, generator=g).to(run.device)
         self.solver = sample.Solver("ode", num_steps, heun=True, cfg_scale=1.0,
                                     path_type=run.cfg.path_type)
 
     @torch.no_grad()
-    def measure(self):
-        run = self.run
-        with self.autocast:
+    def __call__(self):
+        run, chunk = self.run, self.align.chunk * 4
+        with self.align.autocast:
             x = torch.cat([self.solver(run.ema, z, y) for z, y in zip(
-                self.sample_noise.split(self.chunk * 4), self.sample_labels.split(self.chunk * 4))])
+                self.sample_noise.split(chunk), self.sample_labels.split(chunk))])
         images = self.sample.to_uint8(x).permute(0, 3, 1, 2).to(run.device)  # as saved
         feats = self.judge.features(images)
         fd = self.sample.frechet_distance(*self.sample.gaussian_statistics(feats.cpu()), *self.real)
         correct = (self.judge.classify(feats).argmax(1) == self.sample_labels).float().mean()
         return {"fd_demo": round(float(fd), 3), "class_acc": round(correct.item(), 4),
-                **super().measure()}
+                **self.align()}
 
 
 #################################################################################
 #                                  The loop                                     #
 #################################################################################
 
-def describe(run):
+def describe(run, own_data=False):
     """What runs, as it runs: the config without the fields this run does not use, the model,
-    the data and the target."""
+    the data and the target. own_data: a tool's data set, which says what it is (`description`)."""
     cfg, unused = run.cfg, {"prepare", "shard_size", "bench_data", "vae", *ANALYSIS_ONLY}
-    unused |= set(DEMO_ONLY) - {"enc_type"} if cfg.demo else set()
+    unused |= {"data_dir", "resolution"} if own_data else set()
     unused |= {"path_type", "weighting"} if run.model.learn_sigma else set()  # SiT's only
     shown = {k: v for k, v in asdict(cfg).items() if k not in unused}
-    data = (f"demo: procedural shapes in pixel space (no VAE); the alignment target is "
-            f"{DEMO_ENCODER}, a ViT pretrained on the shapes without labels (SimCLR)"
-            if cfg.demo else "random data and random-weight encoders (--bench)" if cfg.bench else
+    data = (run.dataset.description if own_data else
+            "random data and random-weight encoders (--bench)" if cfg.bench else
             f"{len(run.dataset):,} images at {run.dataset.resolution} px from {cfg.data_dir}")
     params = sum(p.numel() for p in run.model.parameters())
     return (f"config {json.dumps(shown)}\nmodel {json.dumps(run.model_kwargs)}\ndata {data}\n"
@@ -2332,9 +2342,20 @@ def forbid_host_sync(enabled):
             torch.cuda.set_sync_debug_mode("default")
 
 
-def train(cfg):
-    """The training loop: one path for CPU, one GPU and torchrun over many GPUs and nodes."""
-    run = start_run(cfg)
+def train(cfg, data=None, encoders=None, measure=None):
+    """The training loop: one path for CPU, one GPU and torchrun over many GPUs and nodes.
+
+    Tools train through three factories, called in the run's processes (so that under torchrun
+    each builds its own, after the process group exists):
+      data()           -> the training set, in the reader's format (images, moments, labels from
+                          __getitems__; `latent_scale`, `resolution`, `num_classes`), plus a
+                          `description` for the log and optionally `class_names` for the grids
+                          and checkpoints. Default: the shards at --data-dir.
+      encoders(device) -> [Encoder]: the frozen targets of eq. (8). Default: --enc-type's.
+      measure(run)     -> a function () -> dict, called on rank 0 every --align-every steps; its
+                          dict is a row of metrics.jsonl. Default: AlignmentLog(run).
+    None of these is needed for the paper's runs."""
+    run = start_run(cfg, data, encoders)
     path = resume_run(run)
     if run.step >= cfg.max_steps:  # nothing to do, and nothing in the run folder changes
         print0(f"{run.dir} is already at step {run.step} (--max-steps {cfg.max_steps}): nothing "
@@ -2348,10 +2369,11 @@ def train(cfg):
                     world=run.world)
         atomic_write(os.path.join(run.dir, "config.json"), lambda f: json.dump(info, f, indent=1),
                      "w")
-    print0(describe(run) + (f"\nresumed from {path} at step {run.step}" if path else ""))
+    print0(describe(run, data is not None) +
+           (f"\nresumed from {path} at step {run.step}" if path else ""))
     data = iter(loader(run.dataset, run.sampler, cfg.num_workers))
     grids = Grids(run) if run.rank == 0 and cfg.sample_every and not cfg.bench else None
-    aligner = ((DemoScore if cfg.demo else AlignmentLog)(run)
+    aligner = ((measure or AlignmentLog)(run)
                if run.rank == 0 and cfg.align_every and not cfg.bench else None)
     log = Logger(run)
     run.model.train()
@@ -2369,7 +2391,7 @@ def train(cfg):
             if grids and (run.step == 1 or run.step % cfg.sample_every == 0):
                 log.image(grids.write())
             if aligner and run.step % cfg.align_every == 0:
-                log.record(aligner.measure())
+                log.record(aligner())
             if stop:
                 if not cfg.bench:
                     save_checkpoint(run, "latest.pt")
@@ -2490,6 +2512,11 @@ def plot_compare(curves, metrics, folder, cfg):
     plt.close(fig)
 
 
+def train_demo(cfg):
+    """--demo: train() on the shapes, aligned to the SimCLR ViT, measured by DemoScore."""
+    return train(cfg, data=DemoDataset, encoders=demo_encoders, measure=DemoScore)
+
+
 def train_in_child(cfg, threads):
     """One run of train_side_by_side: its own threads, its output in its folder's train.log, its
     own session, so that a signal reaches it once, from the parent."""
@@ -2499,7 +2526,7 @@ def train_in_child(cfg, threads):
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "train.log"), "a", buffering=1) as log, \
             contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        train(cfg)
+        train_demo(cfg)
 
 
 def last_logged_step(log):
@@ -2560,7 +2587,7 @@ def demo_compare(cfg):
     if "RANK" in os.environ or torch.cuda.is_available() or threads < 1:
         for name, run_cfg in runs.items():
             print0(f"--- {name}: lambda = {run_cfg.proj_coeff}")
-            train(run_cfg)
+            train_demo(run_cfg)
     elif not train_side_by_side(list(runs.values()), threads):
         return
     if int(os.environ.get("RANK", 0)):
@@ -2608,15 +2635,15 @@ def demo_compare(cfg):
 #              Measuring a checkpoint: --analyze (the paper's fig. 2)            #
 #################################################################################
 
-def analysis_images(cfg, info, device):
-    """(dataset, sorted indices) of the images to measure: the demo's (drawn with a seed it never
-    trains on), prepared shards, or an ImageNet-style folder read on the fly; a seeded random
-    choice of --analyze-images of them."""
-    if cfg.demo != info["pixel_space"]:
-        raise UserError(f"{info['path']} is " + ("a latent model: drop --demo" if cfg.demo else
-                        "a pixel-space (demo) model: add --demo"))
-    if cfg.demo:
-        data = DemoDataset(cfg.analyze_images, seed=DEMO_HELDOUT_SEED)
+def analysis_images(cfg, info, device, data=None):
+    """(dataset, sorted indices) of the images to measure: a tool's own (analyze_checkpoint's
+    `data`), prepared shards, or an ImageNet-style folder read on the fly; a seeded random choice
+    of --analyze-images of them."""
+    if data is None and info["pixel_space"]:
+        raise UserError(f"{info['path']} is a pixel-space model: measure it on its own data, "
+                        f"with the tool that trained it")
+    if data is not None:
+        data = data()
     elif os.path.isfile(os.path.join(cfg.data_dir, "manifest.json")):
         data = ShardDataset(cfg.data_dir)
     else:
@@ -2723,21 +2750,22 @@ def plot_alignment(result, path):
     plt.close(fig)
 
 
-def analyze_checkpoint(cfg):
+def analyze_checkpoint(cfg, data=None, encoders=None):
     """--analyze: for a checkpoint (ours, an official one, a run folder), CKNNA and linear-probe
     accuracy of the hidden state after every block at every t; writes analysis.json and
     analysis.png under <run>/analysis/<checkpoint>-<settings' hash>/ for a checkpoint of a run
     folder (so that no analysis overwrites another), else under results_dir/exp_name. Feature
-    extraction is split over torchrun's ranks; rank 0 computes the metrics."""
+    extraction is split over torchrun's ranks; rank 0 computes the metrics. A tool measures on
+    its own data set and encoders, factories as train's `data` and `encoders`."""
     import sample  # lazily, as Grids: sample.py imports this file
     rank, world, device = setup_distributed()
     model, info = sample.load_checkpoint(cfg.analyze, device)  # the EMA
-    data, rows = analysis_images(cfg, info, device)
+    data, rows = analysis_images(cfg, info, device, data)
     if len(rows) <= max(world, cfg.knn + 3):
         raise UserError(f"{len(rows)} images are too few to measure with --knn {cfg.knn} on "
                         f"{world} processes")
-    encoders = demo_encoders(device) if cfg.demo else load_encoders(cfg.enc_type,
-                                                                     info["resolution"], device)
+    encoders = encoders(device) if encoders else load_encoders(cfg.enc_type, info["resolution"],
+                                                                device)
     ts = parse_times(cfg.analyze_t)
     print0(f"measuring {info['path']} ({len(model.blocks)} blocks) on {len(rows):,} images at "
            f"t = {ts} against {', '.join(e.name for e in encoders)}; no class label")
@@ -2758,7 +2786,7 @@ def analyze_checkpoint(cfg):
             run_dir = os.path.join(cfg.results_dir, cfg.exp_name)  # a file of no run of ours
         # every setting that changes the numbers picks the folder, so none replaces another's
         settings = {k: getattr(cfg, k) for k in ANALYSIS_ONLY + (
-            "knn", "seed", "demo", "enc_type", "data_dir") if k != "analyze"}
+            "knn", "seed", "enc_type", "data_dir") if k != "analyze"}
         digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
         out = os.path.join(run_dir, "analysis", f"{os.path.splitext(name)[0]}-{digest}")
         result["settings"] = settings
@@ -2844,7 +2872,7 @@ def parse_args(argv=None):
                 raise UserError(f"--demo has its own data and alignment target: drop --"
                                 f"{', --'.join(sorted(n.replace('_', '-') for n in forbidden))}")
             cfg = replace(cfg, **{k: v for k, v in DEMO.items() if k not in given})
-        check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+        check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)), named_encoders=not cfg.demo)
     except UserError as e:  # one line, without argparse's usage block
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -2866,13 +2894,14 @@ def main(argv=None):
         elif cfg.bench_data:
             benchmark_reader(cfg)
         elif cfg.analyze:
-            analyze_checkpoint(cfg)
+            heldout = lambda: DemoDataset(cfg.analyze_images, seed=DEMO_HELDOUT_SEED)
+            analyze_checkpoint(cfg, *((heldout, demo_encoders) if cfg.demo else ()))
         elif cfg.compare:
             demo_compare(cfg)
         else:
             if cfg.bench:
                 cfg = replace(cfg, max_steps=cfg.bench, log_every=max(1, cfg.bench // 2))
-            train(cfg)
+            (train_demo if cfg.demo else train)(cfg)
     except (UserError, FileExistsError, NotADirectoryError) as e:  # bad input: one clear line
         rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
         print(f"error: {rank}{in_words(e)}", file=sys.stderr)

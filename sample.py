@@ -342,7 +342,7 @@ def load_checkpoint(path, device="cpu", use_ema=True, **overrides):
 
     overrides: model, resolution, encoder_depth, path_type, num_classes, qk_norm (None = unset).
     info: path (the file read), format, path_type, pixel_space, input_size (the model's),
-    resolution (the images'), num_classes, steps."""
+    resolution (the images'), num_classes, steps, class_names (None where it stores none)."""
     unknown = set(overrides) - set(OVERRIDES)
     if unknown:
         raise TypeError(f"unknown overrides {sorted(unknown)}; choose from {OVERRIDES}")
@@ -359,7 +359,8 @@ def load_checkpoint(path, device="cpu", use_ema=True, **overrides):
     info = dict(path=path, format=fmt, path_type=cfg.get("path_type") or "linear",
                 pixel_space=model.in_channels == 3, input_size=kwargs["input_size"],
                 resolution=cfg.get("resolution") or 256, num_classes=model.num_classes,
-                steps=ckpt.get("steps") if fmt != "plain" else None)
+                steps=ckpt.get("steps") if fmt != "plain" else None,
+                class_names=ckpt.get("class_names"))
     return model.eval().requires_grad_(False), info
 
 
@@ -961,9 +962,10 @@ def run_name(args, solver, info, world):
 
 
 def class_names(info, classes):
-    """The demo's shape names for a pixel-space model of the demo's classes, else the ids."""
-    demo = info["pixel_space"] and info["num_classes"] == repa.DemoDataset.num_classes
-    return [repa.DemoDataset.class_names[c] for c in classes] if demo else classes
+    """The names the checkpoint stores for its classes (a data set that names them), else the
+    ids."""
+    names = info["class_names"]
+    return [names[c] for c in classes] if names else classes
 
 
 def make_solver(args, model, path_type):

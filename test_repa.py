@@ -1351,7 +1351,7 @@ def test_bench_runs_on_random_data_without_weights():
 def demo_run(*flags):
     cfg = repa.parse_args(["--demo", "--batch-size", "4", "--num-workers", "0",
                            "--results-dir", "/nonexistent", *flags])
-    run = repa.start_run(cfg)
+    run = repa.start_run(cfg, repa.DemoDataset, repa.demo_encoders)
     data = iter(repa.loader(run.dataset, run.sampler, 0))
     return run, data
 
@@ -1458,7 +1458,9 @@ def test_checkpoint_schema_and_data_position(tmp_path):
     run.sampler.start = 2 * run.sampler.per_epoch + 5  # as if resumed mid-epoch 2
     repa.save_checkpoint(run, "x.pt")
     ckpt = repa.load_checkpoint(os.path.join(run.ckpt_dir, "x.pt"))
-    assert set(ckpt) == {"model", "ema", "opt", "args", "steps", "model_kwargs", "data"}
+    assert set(ckpt) == {"model", "ema", "opt", "args", "steps", "model_kwargs", "data",
+                         "class_names"}
+    assert ckpt["class_names"][:2] == ["disk", "ring"]  # the data set's, for sample.py's grids
     # one more global batch consumed than at the start: position 6 of epoch 2
     assert ckpt["steps"] == 1 and ckpt["data"] == {"epoch": 2, "position": 6}
     assert ckpt["args"]["lr"] == 0.002 and ckpt["model_kwargs"] == run.model_kwargs
@@ -1608,7 +1610,7 @@ def test_dit_trains_with_the_ddpm_loss_and_samples_with_ddpm(tmp_path, monkeypat
     monkeypatch.setattr(repa, "ddpm_loss", lambda *a, **k: seen.append(len(a[3])) or ddpm_loss(
         *a, **k))
     monkeypatch.setattr(repa, "repa_loss", None)  # not called for a DiT
-    run = repa.train(repa.parse_args([*DEMO_FAST, "--model", "DiT-T/2", "--max-steps", "2",
+    run = repa.train_demo(repa.parse_args([*DEMO_FAST, "--model", "DiT-T/2", "--max-steps", "2",
                                       "--results-dir", str(tmp_path)]))
     assert seen == [1, 1] and run.model_kwargs["learn_sigma"] and run.model.learn_sigma
     assert "DiT 2,001,272 parameters" in capsys.readouterr().out
@@ -1943,13 +1945,14 @@ def test_ddpm_sampler_generator_equals_seeded_global_rng():
 # Checkpoints, files and the command line: three layouts load, a 2-process FID run writes PNGs
 # and an .npz and resumes exactly, a pixel-space grid, and one-line errors.
 # ---------------------------------------------------------------------------------------------
-def save_ours(path, **model_kwargs):
+def save_ours(path, class_names=None, **model_kwargs):
     kwargs = {**TINY, "z_dims": [32], "num_classes": 10, **model_kwargs}
     model = fill_(repa.SiT(**kwargs))
     ema = {k: v + 0.01 for k, v in model.state_dict().items()}  # distinguishable from "model"
     torch.save({"model": model.state_dict(), "ema": ema, "opt": {}, "steps": 7,
                 "args": {"path_type": "linear", "resolution": 16, "enc_type": "dinov2-vit-b"},
-                "model_kwargs": kwargs}, path)
+                "model_kwargs": kwargs, **({"class_names": class_names} if class_names else {})},
+               path)
     return model, ema
 
 
@@ -2034,19 +2037,21 @@ def test_missing_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
 
 def test_pixel_space_grid(tmp_path, capsys):
     from PIL import Image
-    save_ours(tmp_path / "demo.pt", in_channels=3, input_size=16, patch_size=4)
+    names = [f"shape {c}" for c in range(10)]  # stored by a data set that names its classes
+    save_ours(tmp_path / "demo.pt", names, in_channels=3, input_size=16, patch_size=4)
     argv = ["--ckpt", str(tmp_path / "demo.pt"), "--sample-dir", str(tmp_path), "--num-steps",
             "8"]
     sample.main(argv)
     (path,) = [p for p in os.listdir(tmp_path) if p.endswith("-grid.png")]
     grid = np.asarray(Image.open(tmp_path / path))
-    # every class of the 10 is a row (named: these are the demo's shapes), 4 columns of 16 px
+    # every class of the 10 is a row (named, by the checkpoint's names), 4 columns of 16 px
     # images shown at 64 px, a 56 px margin for the names
     assert grid.shape == (10 * 66, 56 + 4 * 66, 3)
     assert (grid[:, :56] < 128).any()  # the class names are written in the margin
     # the tiles are the sampler's images: the same seed and recipe, decoded without a VAE
     device = repa.setup_distributed()[2]  # where main() ran: the GPU if there is one
     model, info = sample.load_checkpoint(str(tmp_path / "demo.pt"), device)
+    assert sample.class_names(info, [0, 3]) == ["shape 0", "shape 3"]
     labels = torch.arange(10, device=device).repeat_interleave(4)
     solver = sample.Solver("sde", 8, cfg_scale=1.8, guidance_high=0.7, path_type="linear")
     generator = torch.Generator(device).manual_seed(0)  # one stream, chunk after chunk of 32
