@@ -28,16 +28,14 @@ Glossary: h_phi = projector (one per encoder); encoder_depth = the block whose o
 
 Commands
 --------
-  pip install -r requirements.txt && python -m pytest -q test_repa.py       # set up and test
-  python repa.py --demo                              # REPA on built-in shapes, CPU, ~8 min
-  python repa.py --demo --compare                    # vanilla vs REPA on them: compare.md / .png
+  pip install -r requirements.txt && python -m pytest -q test_repa.py tools/test_demo.py  # tests
   torchrun --nproc_per_node=8 repa.py --prepare IMAGENET/train --data-dir data/imagenet256
   torchrun --nproc_per_node=8 repa.py --model XL/2 --data-dir data/imagenet256   # the paper
   torchrun --nproc_per_node=8 repa.py --model DiT-XL/2 --data-dir data/imagenet256   # DiT + REPA
   python repa.py --bench 30 --model XL/2 --batch-size 64 --compile   # img/s and MFU, no data
   torchrun --nproc_per_node=8 repa.py --analyze last.pt --data-dir IMAGENET/val \
       --enc-type dinov2-vit-g                # fig. 2: CKNNA and linear probes per block and t
-  python sample.py --ckpt results/demo                                # a grid of samples
+  python sample.py --ckpt results/repa                                # a grid of samples
   torchrun --nproc_per_node=8 sample.py --ckpt results/repa --num-fid-samples 50000  # FID .npz
 
 Map of this file
@@ -48,10 +46,10 @@ Map of this file
                      Depends on torch, numpy and timm only: a reader who stops here has the whole
                      method and can paste it.
   II  Data           processes and files; the SD-VAE; ImageNet -> shards; the reader and its
-                     resumable order; the demo: its shapes, its self-supervised target
-                     and its judge (a CNN, for FD_demo).
-  III Training       the config and its checks; EMA, checkpoints, signals; one step; the loop;
-                     --analyze; --demo --compare; the command line. Only `main` looks forward.
+                     resumable order.
+  III Training       the config and its checks; EMA, checkpoints, signals; one step; the loop
+                     (and its seam, through which the programs in tools/ train on their own data
+                     and targets); --analyze; the command line. Only `main` looks forward.
 """
 import argparse
 import contextlib
@@ -427,7 +425,7 @@ def DiT(learn_sigma=True, z_dims=(), **kwargs):
 
 # Sizes of the SiT paper (table 1), with REPA's alignment depth: 8 for L and XL and, from the
 # official issue #5, 4 for B. S is not in the paper; it gets 4, like B (12 blocks too). T (tiny)
-# is not in any paper either: it is the demo's CPU-sized model. "DiT-XL/2" etc. are the same
+# is not in any paper either: a model that trains on a CPU in minutes. "DiT-XL/2" etc. are the same
 # networks with DiT's learned variance, trained with the improved DDPM.
 _WIDTHS = {"T": (6, 128, 4, 2), "S": (12, 384, 6, 4), "B": (12, 768, 12, 4),
            "L": (24, 1024, 16, 8), "XL": (28, 1152, 16, 8)}
@@ -858,7 +856,7 @@ def mutual_knn(a, b, topk=10):
 def fit(params, loss, steps, lr, weight_decay=0.05, betas=(0.9, 0.999), warmup=0):
     """Minimise loss(step) in `steps` steps of AdamW, the learning rate warmed up linearly over
     `warmup` steps and then decayed to 0 on a half cosine: the small training loops of the linear
-    probe and of the demo's encoder and judge."""
+    probe (and of networks that tools train for their own targets)."""
     opt = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / max(warmup, 1))
                                                  * 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -931,7 +929,7 @@ def block_features(model, x, t, noise, path_type="linear"):
 
 #################################################################################################
 #                                                                                               #
-#   PART II. DATA: ImageNet -> SD-VAE latents in shards, a fast resumable reader, the demo      #
+#   PART II. DATA: ImageNet -> SD-VAE latents in shards, a fast resumable reader                #
 #                                                                                               #
 #################################################################################################
 
@@ -1299,300 +1297,6 @@ def loader(dataset, sampler, workers=4):
         prefetch_factor=4 if workers else None)
 
 
-#################################################################################
-#   The demo: procedural shapes, a self-supervised encoder, and a separate judge  #
-#################################################################################
-# A laptop-sized stand-in for ImageNet + DINOv2 + Inception: 16 x 16 images of ten light shapes
-# near the centre, with everything else random; a small ViT pretrained on them without labels
-# (SimCLR, a contrastive objective as MoCo v3's, in a minute or two) as the alignment target; and a
-# CNN on the labels to judge the samples (FD_demo and class accuracy). The target never judges.
-
-def _rotated(u, v, angle):
-    """(u, v) turned by -angle: the offsets in the frame of a shape rotated by angle."""
-    return u * angle.cos() + v * angle.sin(), v * angle.cos() - u * angle.sin()
-
-
-class DemoDataset(torch.utils.data.Dataset):
-    """A procedural, class-conditional dataset generated in memory, for `--demo`: 16 x 16 images
-    of one light shape, the class, on a dark background; its size, turn (up to `turn` radians
-    either way) and colour, its place near the centre, and the background's colour and gradient,
-    are random, so that a model must learn the shape itself. Training on it is in pixel space (no
-    VAE): the 'moments' are the image in [-1, 1] with std 0, so the training step is the same code
-    as for latents, with scale 1.
-
-    Why centred and always lighter: a SiT learns the mean of the clean image given the noisy one
-    and the label, and at high noise the label can move that mean only as far as the classes'
-    mean images lie apart. With shapes anywhere, light or dark (version 1), they were nearly one
-    image (rms distance 0.012 from their mean; 0.20 in version 2, 0.26 here): the label moved the
-    velocity by 3-7% of its norm even after 4,000 steps, and at 1,000 steps 0.14-0.17 of the
-    samples were of their class, 0.45-0.50 in version 2 (any turn).
-
-    Why turned by at most 0.5 radians (about 30 degrees), not by any angle as in version 2: a class
-    whose shape may take any turn is a ring of images, and a sample must pick one turn and keep it
-    from the first, noisiest steps on. After 1,000 steps the SiT drew bars as specks and Ls and
-    triangles as fragments; with the turns limited, bars, crescents and half-disks come out whole
-    and three quarters of the samples are of their class without guidance (README, "How the demo
-    got here")."""
-    latent_scale = 1.0
-    num_classes, resolution = 10, 16
-    description = ("demo: procedural shapes in pixel space (no VAE); the alignment target is "
-                   "demo-simclr-vit, a ViT pretrained on the shapes without labels (SimCLR)")
-    version = 3  # of the images: the encoder and judge cached for another version are not used
-    # half a shape's extent, its centre's offset from the image's centre (each axis), in pixels;
-    # its largest turn either way, in radians; the background's gradient
-    size_range, jitter, turn, ramp = (5, 6.7), 1.0, 0.5, 0.05
-    class_names = ["disk", "ring", "square", "frame", "triangle", "plus", "bar", "crescent", "L",
-                   "half-disk"]
-    # inside(u, v, r) for each class: (u, v) the rotated offset from the centre in units of the
-    # shape's size, r = |(u, v)|. No two classes are rotations of each other.
-    shapes = [lambda u, v, r: r < 1,
-              lambda u, v, r: (r < 1) & (r > 0.55),
-              lambda u, v, r: (u.abs() < 0.8) & (v.abs() < 0.8),
-              lambda u, v, r: (u.abs() < 0.85) & (v.abs() < 0.85) & (
-                  (u.abs() > 0.45) | (v.abs() > 0.45)),
-              lambda u, v, r: (v < 0.7) & (u.abs() < (v + 1) * 0.55),
-              lambda u, v, r: ((u.abs() < 0.28) | (v.abs() < 0.28)) & (u.abs() < 1) & (v.abs() < 1),
-              lambda u, v, r: (u.abs() < 1) & (v.abs() < 0.3),
-              lambda u, v, r: (r < 1) & (torch.hypot(u - 0.5, v) > 0.75),
-              lambda u, v, r: (u.abs() < 0.8) & (v.abs() < 0.8) & ((u < -0.25) | (v > 0.25)),
-              lambda u, v, r: (r < 1) & (v > -0.05)]
-
-    def __init__(self, n=20_000, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        uniform = lambda low, high, *shape: low + (high - low) * torch.rand(*shape, generator=g)
-        r = self.resolution
-        yy, xx = torch.meshgrid(torch.arange(r) + 0.5, torch.arange(r) + 0.5, indexing="ij")
-        self.labels = torch.randint(0, self.num_classes, (n,), generator=g)
-        size = uniform(*self.size_range, n, 1, 1)  # half the shape's extent, in pixels
-        cx, cy = (r / 2 + uniform(-self.jitter, self.jitter, n, 1, 1) for _ in "xy")
-        turn = uniform(-self.turn, self.turn, n, 1, 1)
-        u, v = _rotated((xx - cx) / size, (yy - cy) / size, turn)
-        mask = torch.empty(n, r, r, dtype=torch.bool)
-        for c, inside in enumerate(self.shapes):  # each image tested against its own shape only
-            k = self.labels == c
-            mask[k] = inside(u[k], v[k], torch.hypot(u[k], v[k]))
-        # a light colour on a dark background, with a random linear gradient
-        colour, background = uniform(0.55, 1, n, 3, 1, 1), uniform(0, 0.35, n, 3, 1, 1)
-        ramp, _ = _rotated((xx - r / 2) / (r / 2), (yy - r / 2) / (r / 2),
-                           uniform(0, 2 * math.pi, n, 1, 1, 1))
-        background = (background + ramp * uniform(-self.ramp, self.ramp, n, 3, 1, 1)).clamp(0, 1)
-        self.images = (torch.where(mask[:, None], colour, background) * 255).round().byte()
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitems__(self, indices):
-        images = self.images[indices]
-        mean = images.float() / 127.5 - 1
-        return images, torch.cat([mean, torch.zeros_like(mean)], dim=1), self.labels[indices]
-
-
-def demo_cache(name):
-    """Where the demo's pretrained networks are kept: $REPA_CACHE, else ~/.cache/repa, in a folder
-    for the version of the images they are made on."""
-    folder = os.environ.get("REPA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "repa")
-    folder = os.path.join(folder, f"shapes-v{DemoDataset.version}")
-    os.makedirs(folder, exist_ok=True)
-    return os.path.join(folder, name)
-
-
-def cache_once(name, make, module, every_rank=False):
-    """Load into `module` the weights kept under `name`, made the first time by make() ->
-    (trained module, info) and saved with that info. Returns the info. With every_rank (all
-    processes of torchrun call it), rank 0 makes them while the others wait."""
-    path = demo_cache(name)
-    if int(os.environ.get("RANK", 0)) == 0 and not os.path.isfile(path):
-        began = time.perf_counter()
-        trained, info = make()
-        info["seconds"] = round(time.perf_counter() - began, 1)
-        atomic_write(path, lambda f: torch.save({"model": trained.state_dict(), "info": info}, f))
-    if every_rank:
-        barrier()
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    try:
-        module.load_state_dict(state["model"])
-    except RuntimeError:
-        raise UserError(f"{path} was made for another version of the demo: delete it, and it "
-                        f"is made again") from None
-    return state["info"]
-
-
-DEMO_ENCODER = "demo-simclr-vit"
-DEMO_PATCH = 2  # the encoder's patch side: an 8 x 8 grid, the tokens of a T/2 SiT
-DEMO_ENCODER_STEPS = 200  # SimCLR steps of 2 x 128 views: 1.4-2.5 min on 2 cores with its probe
-
-
-class Standardize(nn.Module):
-    """x -> (x - mean) / std in each channel, with fixed statistics kept with the weights."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("std", torch.ones(dim))
-
-    def forward(self, x):
-        return (x - self.mean) / self.std
-
-
-def demo_vit():
-    """The demo's encoder: timm's VisionTransformer (as DINOv2 is) with 2 x 2 patches, as many
-    tokens as the demo SiT (64), no CLS token, width 96, 4 blocks; its patch embedding is a small
-    convolutional stem (Xiao et al. 2021, "Early convolutions help transformers see better"). With
-    the plain linear patch embedding, 300 steps of the same pretraining gave a linear probe of 0.16
-    where the stem gave 0.46. Its tokens leave through `Standardize`, the identity until
-    pretrain_simclr sets it (timm's final norm is unused with global_pool="avg")."""
-    import timm
-    vit = timm.models.vision_transformer.VisionTransformer(
-        img_size=DemoDataset.resolution, patch_size=DEMO_PATCH, embed_dim=96, depth=4, num_heads=3,
-        num_classes=0, class_token=False, global_pool="avg")
-    vit.patch_embed.proj = nn.Sequential(nn.Conv2d(3, 48, 3, 1, 1), nn.BatchNorm2d(48), nn.ReLU(),
-                                         nn.Conv2d(48, vit.embed_dim, 3, DEMO_PATCH, 1))
-    vit.norm = Standardize(vit.embed_dim)
-    return vit
-
-
-def simclr_view(images, g):
-    """A random view of uint8 images (B, 3, H, W), in [0, 1]: turned (by at most the demo's
-    `DemoDataset.turn` either way), flipped, scaled and shifted (one affine resampling), the colour
-    channels permuted, the brightness inverted half the time, contrast and brightness jittered.
-    These are the demo's nuisances (pose, colour) and more (a dark shape on light), so what two
-    views of one image share is the shape. Turned by any angle instead, as the shapes of version 2
-    were, the encoder's probe is 0.80, not 0.88, and REPA's lead smaller (README)."""
-    b = len(images)
-    uniform = lambda *shape: torch.rand(*shape, generator=g)
-    angle = DemoDataset.turn * (2 * uniform(b) - 1)
-    scale = torch.exp(0.5 * (uniform(b) - 0.5))
-    flip, shift = torch.where(uniform(b) < 0.5, -1.0, 1.0), 0.4 * (uniform(b, 2) - 0.5)
-    cos, sin = angle.cos() * scale, angle.sin() * scale
-    theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1),
-                         torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
-    x = F.grid_sample(images / 255, F.affine_grid(theta, images.shape, align_corners=False),
-                      padding_mode="border", align_corners=False)
-    x = torch.gather(x, 1, uniform(b, 3).argsort(1)[:, :, None, None].expand_as(x))
-    x = torch.where(uniform(b, 1, 1, 1) < 0.5, 1 - x, x)
-    return ((x - 0.5) * (0.6 + 0.8 * uniform(b, 3, 1, 1)) + 0.5 + 0.3 * (uniform(b, 3, 1, 1) - 0.5)
-            ).clamp(0, 1)
-
-
-def pretrain_simclr(steps, batch_size=128, lr=2e-3, temperature=0.2, seed=0):
-    """SimCLR (Chen et al. 2020) on demo images it draws itself (seed 100, never the training
-    set's): two views of each image, their pooled tokens through a projection head (Linear, BN,
-    ReLU, Linear), and the InfoNCE (NT-Xent) loss that finds each view's partner among the other
-    2B - 1 views, at temperature 0.2. AdamW, weight decay 0.05, 20 warm-up steps, cosine decay.
-    Returns the encoder, frozen, its tokens standardized (below); the head is dropped."""
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    data, vit = DemoDataset(20_000, seed=100 + seed), demo_vit()
-    head = nn.Sequential(nn.Linear(vit.embed_dim, 256), nn.BatchNorm1d(256), nn.ReLU(),
-                         nn.Linear(256, 64))
-    partner = torch.arange(2 * batch_size).roll(batch_size)  # view i's partner: i + B or i - B
-
-    def loss(step):
-        images = data.images[torch.randint(0, len(data), (batch_size,), generator=g)]
-        views = torch.cat([simclr_view(images, g), simclr_view(images, g)])
-        z = F.normalize(head(vit.forward_features(views).mean(1)), dim=-1)
-        return F.cross_entropy((z @ z.T / temperature).fill_diagonal_(-math.inf), partner)
-    fit([*vit.parameters(), *head.parameters()], loss, steps, lr, warmup=20)
-    # The tokens' residual stream shares one large direction (on held-out shapes, a token's cosine
-    # to the mean token is 0.85), so as a cosine target it is nearly constant: a projector that
-    # outputs that direction scored 0.95 within 100 steps and eq. (8) carried little (measured on
-    # version 1 of the demo's images, where the cosine was 0.91). Made zero-mean and unit-variance
-    # in each channel over the pretraining images, the target is what varies between patches and
-    # images (the mean cosine of two tokens: 0.73 before, 0.01 after).
-    vit.eval().requires_grad_(False)
-    with torch.no_grad():
-        tokens = torch.cat([vit.forward_features(b / 255) for b in data.images[:2000].split(500)])
-    vit.norm.mean.copy_(tokens.mean((0, 1)))
-    vit.norm.std.copy_(tokens.std((0, 1)))
-    return vit
-
-
-def demo_probe(features):
-    """Linear-probe accuracy of pooled features (function: uint8 images -> (B, D)) on the demo's
-    classes: trained on 5,000 images of seed 7, tested on 2,000 of seed 8."""
-    seen, unseen = (DemoDataset(n, seed) for n, seed in ((5000, 7), (2000, 8)))
-    with torch.no_grad():
-        seen_x, unseen_x = (torch.cat([features(b) for b in d.images.split(500)]) for d in
-                            (seen, unseen))
-    return linear_probe(seen_x, seen.labels, unseen_x, unseen.labels, DemoDataset.num_classes,
-                        epochs=100, batch_size=1000, lr=1e-2)
-
-
-def demo_encoders(device="cpu"):
-    """The demo's alignment target: the SimCLR ViT, pretrained once and cached. Its inputs are the
-    16 px images in [0, 1] as they are (mean 0, std 1); its features the 64 patch tokens."""
-    def make():
-        print0(f"pretraining the demo's encoder ({DEMO_ENCODER}: SimCLR, {DEMO_ENCODER_STEPS} "
-               f"steps, once; cached at {demo_cache(DEMO_ENCODER + '.pt')})")
-        vit = pretrain_simclr(DEMO_ENCODER_STEPS)
-        probe = demo_probe(lambda b: vit.forward_features(b / 255).mean(1))
-        print0(f"{DEMO_ENCODER}: linear probe on its pooled features {probe:.3f} (chance 0.1)")
-        return vit, {"steps": DEMO_ENCODER_STEPS, "probe": round(probe, 4)}
-    vit = demo_vit()
-    cache_once(DEMO_ENCODER + ".pt", make, vit, every_rank=True)
-    return [Encoder(DEMO_ENCODER, vit.to(device).eval().requires_grad_(False),
-                    DemoDataset.resolution, DEMO_PATCH, *_channels((0, 0, 0), (1, 1, 1), device),
-                    vit.embed_dim, 0)]
-
-
-class DemoJudge(nn.Module):
-    """The demo's evaluator, its Inception: a small CNN (another architecture, objective, seed and
-    data than the encoder), trained on the labels. `features` (128-d, before the classifier) give
-    FD_demo; its predictions give the class accuracy of samples."""
-
-    def __init__(self):
-        super().__init__()
-        layers, width = [], 3
-        for out, stride in ((32, 1), (64, 2), (128, 2), (128, 2)):
-            layers += [nn.Conv2d(width, out, 3, stride, 1), nn.BatchNorm2d(out), nn.ReLU()]
-            width = out
-        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.classify = nn.Linear(width, DemoDataset.num_classes)
-
-    def features(self, images):  # uint8 (B, 3, 16, 16) -> (B, 128)
-        return self.body(images / 255)
-
-    def forward(self, images):  # -> logits
-        return self.classify(self.features(images))
-
-
-DEMO_JUDGE_STEPS = 600
-
-
-def demo_judge(device="cpu"):
-    """The judge, trained once (cross-entropy, AdamW, cosine; seed 1, images of seed 200) and
-    cached, in eval mode. Its accuracy on held-out images is kept with it. Rank 0 alone judges."""
-    def make():
-        print0(f"training the demo's judge (a CNN on the labels, once; cached at "
-               f"{demo_cache('demo-judge.pt')})")
-        torch.manual_seed(1)
-        g = torch.Generator().manual_seed(1)
-        judge, data = DemoJudge(), DemoDataset(20_000, seed=200)
-
-        def loss(step):
-            rows = torch.randint(0, len(data), (128,), generator=g)
-            return F.cross_entropy(judge(data.images[rows]), data.labels[rows])
-        fit(judge.parameters(), loss, DEMO_JUDGE_STEPS, 2e-3)
-        judge.eval()
-        test = DemoDataset(2000, seed=8)
-        with torch.no_grad():
-            accuracy = (judge(test.images).argmax(1) == test.labels).float().mean().item()
-        return judge, {"steps": DEMO_JUDGE_STEPS, "accuracy": round(accuracy, 4)}
-    judge = DemoJudge()
-    info = cache_once("demo-judge.pt", make, judge)
-    return judge.to(device).eval().requires_grad_(False), info
-
-
-# --demo: a tiny SiT (size T/2: 6 blocks, width 128) on 16 x 16 pixels in 10 classes. These
-# replace Config's defaults unless a flag is given; more small steps beat fewer big ones here.
-# lambda stays the paper's 0.5 (with the target standardized; see pretrain_simclr).
-DEMO = dict(model="T/2", enc_type=DEMO_ENCODER, projector_dim=256, batch_size=32, max_steps=1000,
-            lr=2e-3, ema_decay=0.99, log_every=25, ckpt_every=500, latest_every=200,
-            sample_every=500, num_workers=0, exp_name="demo", align_every=250, align_images=500,
-            analyze_images=2000)
-DEMO_HELDOUT_SEED = 1  # the demo's alignment is measured on shapes of this seed (training's: 0)
-
-
 #################################################################################################
 #                                                                                               #
 #   PART III. TRAINING: the config, one step, checkpoints, the loop, the command line           #
@@ -1602,11 +1306,8 @@ DEMO_HELDOUT_SEED = 1  # the demo's alignment is measured on shapes of this seed
 @dataclass
 class Config:
     """Every default lives here; the command-line flags are generated from these fields (see
-    `parse_args`). Defaults are the paper's / the official train.py's; --demo replaces some of
-    them (DEMO)."""
+    `parse_args`). Defaults are the paper's / the official train.py's."""
     # what to run (the default is training)
-    demo: bool = False          # train on built-in shapes on a CPU; sets the DEMO defaults
-    compare: bool = False       # --demo: vanilla (lambda 0) and REPA, same seed; compare.md/.png
     bench: int = 0              # time this many steps on random data (no dataset, random encoders)
     prepare: str = ""           # ImageNet-style folder to turn into shards at --data-dir
     bench_data: int = 0         # read this many samples from --data-dir, print samples/s
@@ -1691,7 +1392,6 @@ def parse_times(text):
         raise UserError(f"--analyze-t must be comma-separated times in [0, 1], got {text!r}")
     return ts
 CHOICES = dict(path_type=PATH_TYPES, weighting=WEIGHTINGS, precision=("auto", "bf16", "fp32"))
-DEMO_ONLY = ("data_dir", "resolution", "vae", "enc_type")  # the demo has its own data and target
 
 
 def check_config(cfg, world=1, named_encoders=True):
@@ -1730,11 +1430,6 @@ def check_config(cfg, world=1, named_encoders=True):
     if cfg.encoder_depth > size["depth"]:
         raise UserError(f"--encoder-depth must be at most {size['depth']} for {cfg.model}, "
                         f"got {cfg.encoder_depth}")
-    if cfg.compare and not (cfg.demo and cfg.proj_coeff > 0 and 0 < cfg.align_every <=
-                            cfg.max_steps):
-        raise UserError("--compare trains the demo with and without REPA and measures both: it "
-                        "needs --demo, a --proj-coeff above 0 and an --align-every from 1 to "
-                        "--max-steps")
     if named_encoders:
         for entry in cfg.enc_type.split(","):
             parse_encoder(entry)
@@ -1954,7 +1649,7 @@ def train_step(run, micro_batches):
 # Config, so that torch.load(weights_only=True) needs no allow-list), plus "model_kwargs" (the
 # exact SiT(...) call), "data" (where the data order continues) and, where the data set names its
 # classes, "class_names".
-METHOD_FIELDS = ("demo", "model", "enc_type", "encoder_depth", "projector_dim", "proj_coeff",
+METHOD_FIELDS = ("model", "enc_type", "encoder_depth", "projector_dim", "proj_coeff",
                  "path_type", "weighting", "cfg_prob", "qk_norm", "batch_size", "seed")
 
 
@@ -2269,46 +1964,6 @@ class AlignmentLog:
                 f"probe/block{aligned}": round(probe, 4)}
 
 
-class DemoScore:
-    """The demo's --align-every adds the judge's verdict on samples of the EMA (as FID and the
-    paper's samples judge a real run): FD_demo, the Fréchet distance between the judge's features
-    of the samples and of the held-out images (sample.py's FID code), and the share of samples the
-    judge puts in the class they were drawn for. The samples: as many as the held-out images, the
-    classes in turn, the same noise all run, Heun's ODE in 6 steps (11 evaluations), no guidance
-    (the paper's headline FID at 400K steps is without guidance)."""
-
-    def __init__(self, run, num_steps=6):
-        # alignment is measured on shapes the run never trains on
-        heldout = DemoDataset(run.cfg.align_images, seed=DEMO_HELDOUT_SEED)
-        self.run, self.align = run, AlignmentLog(run, heldout)
-        import sample  # a lazy import, since sample.py imports this file
-        self.judge, info = demo_judge(run.device)
-        self.sample = sample
-        print0(f"the demo's judge: accuracy {info['accuracy']:.3f} on held-out shapes")
-        with torch.no_grad():
-            real = self.judge.features(heldout.images.to(run.device)).cpu()
-            self.real = sample.gaussian_statistics(real)
-        g = torch.Generator().manual_seed(run.cfg.seed + 1)
-        shape, classes = self.align.x.shape, run.model.num_classes
-        self.sample_labels = (torch.arange(shape[0]) % classes).to(run.device)
-        self.sample_noise = torch.randn(shape, generator=g).to(run.device)
-        self.solver = sample.Solver("ode", num_steps, heun=True, cfg_scale=1.0,
-                                    path_type=run.cfg.path_type)
-
-    @torch.no_grad()
-    def __call__(self):
-        run, chunk = self.run, self.align.chunk * 4
-        with self.align.autocast:
-            x = torch.cat([self.solver(run.ema, z, y) for z, y in zip(
-                self.sample_noise.split(chunk), self.sample_labels.split(chunk))])
-        images = self.sample.to_uint8(x).permute(0, 3, 1, 2).to(run.device)  # as saved
-        feats = self.judge.features(images)
-        fd = self.sample.frechet_distance(*self.sample.gaussian_statistics(feats.cpu()), *self.real)
-        correct = (self.judge.classify(feats).argmax(1) == self.sample_labels).float().mean()
-        return {"fd_demo": round(float(fd), 3), "class_acc": round(correct.item(), 4),
-                **self.align()}
-
-
 #################################################################################
 #                                  The loop                                     #
 #################################################################################
@@ -2354,7 +2009,7 @@ def train(cfg, data=None, encoders=None, measure=None):
       encoders(device) -> [Encoder]: the frozen targets of eq. (8). Default: --enc-type's.
       measure(run)     -> a function () -> dict, called on rank 0 every --align-every steps; its
                           dict is a row of metrics.jsonl. Default: AlignmentLog(run).
-    None of these is needed for the paper's runs."""
+    None of these is needed for the paper's runs; tools/demo.py trains through all three."""
     run = start_run(cfg, data, encoders)
     path = resume_run(run)
     if run.step >= cfg.max_steps:  # nothing to do, and nothing in the run folder changes
@@ -2410,225 +2065,6 @@ def train(cfg, data=None, encoders=None, measure=None):
                (f", grids in {os.path.join(run.dir, 'samples')}" if grids else "") +
                f". Sample with: python sample.py --ckpt {run.dir}")
     return run
-
-
-#################################################################################
-#        --demo --compare: the paper's speed-up, in miniature (fig. 1 and 4)    #
-#################################################################################
-
-def metric_curves(folder):
-    """{metric: (steps, values)} of the measurement rows of a run's metrics.jsonl. A run resumed
-    from a checkpoint before its last measurement measures those steps again: the later row of
-    a step stands."""
-    rows = {}
-    for line in open(os.path.join(folder, "metrics.jsonl")):
-        row = json.loads(line)
-        if "fd_demo" in row:  # not a loss row
-            rows[row["step"]] = row
-    curves = {}
-    for step in sorted(rows):
-        for key, value in rows[step].items():
-            steps, values = curves.setdefault(key, ([], []))
-            steps.append(step)
-            values.append(value)
-    return curves
-
-
-def steps_to_reach(steps, values, target):
-    """The first step at which a falling curve reaches `target`, interpolated linearly between
-    measurements; None if it never does."""
-    for i, (s, v) in enumerate(zip(steps, values)):
-        if v <= target:
-            if i == 0:
-                return s
-            s0, v0 = steps[i - 1], values[i - 1]
-            return s0 + (s - s0) * (v0 - target) / (v0 - v)
-    return None
-
-
-def speedups(vanilla, repa):
-    """The speed-up read along a run: for each of vanilla's measurements (step s, FD_demo v) of
-    (steps, values) curves, s over the step at which REPA, measured up to s, reached v; None
-    where it had not. The last is compare.md's headline."""
-    (steps, values), (repa_steps, repa_values) = vanilla, repa
-    out = []
-    for s, v in zip(steps, values):
-        k = sum(r <= s for r in repa_steps)
-        reached = steps_to_reach(repa_steps[:k], repa_values[:k], v)
-        out.append(s / reached if reached else None)
-    return out
-
-
-def gap_and_slope(vanilla, repa):
-    """Why the speed-up is what it is: (r, s), REPA's FD_demo r times lower than vanilla's at the
-    last step, and vanilla's falling there as step^-s (over its last two measurements). On a
-    power law REPA then reaches vanilla's final value at 1 / r^(1/s) of the steps: the paper's
-    vanilla SiT-XL/2 (FID 17.2 at 400K steps, 8.3 at 7M: s = 0.25) makes its r = 2.2 at 400K worth
-    about 20x; the demo's s near 1 makes its r of 1.2-1.3 worth 1.2x-1.4x (README: "The goal")."""
-    (steps, values), repa_values = vanilla, repa[1]
-    r = values[-1] / repa_values[-1]
-    s = math.log(values[-2] / values[-1]) / math.log(steps[-1] / steps[-2])
-    return r, s
-
-
-def explain_speedup(vanilla, repa):
-    """compare.md's sentence on gap_and_slope: the gap, the slope and the speed-up they predict."""
-    r, s = gap_and_slope(vanilla, repa)
-    return f"At the last step vanilla's FD_demo is {r:.2f} times REPA's, " + (
-        f"and vanilla's falls as step^-{s:.2f} (its last two measurements): on that power law "
-        f"{r:.2f}^(1/{s:.2f}) = {r ** (1 / s):.2f}x fewer steps (the paper: 2.2 times lower at "
-        f"400K steps, on a curve falling as step^-0.25)." if s > 0 else
-        "and vanilla's did not fall over its last two measurements.")
-
-
-def plot_compare(curves, metrics, folder, cfg):
-    """compare.png: the four curves, vanilla against REPA, over the grids of both at the last
-    two grid steps, drawn from the same noise."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    names = [set(os.listdir(os.path.join(folder, run, "samples"))) if cfg.sample_every else set()
-             for run in ("vanilla", "repa")]  # the training's grids, not sample.py's, if any
-    grids = sorted(n for n in names[0] & names[1] if re.fullmatch(r"\d{7}\.png", n))[-2:]
-    fig = plt.figure(figsize=(16, 4 + 4.2 * bool(grids)))
-    rows = 1 + bool(grids)
-    for i, (key, title) in enumerate(metrics.items()):
-        ax = fig.add_subplot(rows, 4, i + 1)
-        for name, style in (("vanilla", "--"), ("REPA", "-")):
-            ax.plot(*curves[name][key], style, marker="o", markersize=3, label=name)
-        ax.set(xlabel="training step", title=title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    # Grids guide only a model that learned the null label (label dropout during training)
-    guidance = f"CFG {GRID_CFG:g}" if cfg.cfg_prob > 0 else "no guidance"
-    for j, (grid, name) in enumerate(itertools.product(grids, ("vanilla", "repa"))):
-        ax = fig.add_subplot(rows, 4, 5 + j)
-        ax.imshow(plt.imread(os.path.join(folder, name, "samples", grid)))
-        ax.set_title(f"{'REPA' if name == 'repa' else name}, step {int(grid[:7])} ({guidance})")
-        ax.axis("off")
-    fig.tight_layout()
-    atomic_write(os.path.join(folder, "compare.png"), lambda f: fig.savefig(f, format="png",
-                                                                           dpi=110))
-    plt.close(fig)
-
-
-def train_demo(cfg):
-    """--demo: train() on the shapes, aligned to the SimCLR ViT, measured by DemoScore."""
-    return train(cfg, data=DemoDataset, encoders=demo_encoders, measure=DemoScore)
-
-
-def train_in_child(cfg, threads):
-    """One run of train_side_by_side: its own threads, its output in its folder's train.log, its
-    own session, so that a signal reaches it once, from the parent."""
-    os.setsid()
-    torch.set_num_threads(threads)
-    folder = os.path.join(cfg.results_dir, cfg.exp_name)
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "train.log"), "a", buffering=1) as log, \
-            contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        train_demo(cfg)
-
-
-def last_logged_step(log):
-    """The step of the last 'step N ...' line of a train.log, 0 before the first."""
-    text = open(log).read() if os.path.isfile(log) else ""
-    return ([0] + [int(m) for m in re.findall(r"^step (\d+) ", text, re.M)])[-1]
-
-
-def train_side_by_side(cfgs, threads):
-    """Train the runs at once, each in a child process with `threads` threads, on a CPU. A model
-    this small uses a second thread poorly: on 2 cores each run of --compare trains side by side
-    at 63-74 images/s (the machine's load varies), one alone with both threads at about 75, so the
-    pair takes 50-60% of the time. The demo's encoder and judge are made first, once (not twice,
-    racing). SIGINT and SIGTERM are passed on to the children, which save and stop. Returns
-    whether both finished."""
-    demo_encoders(), demo_judge()
-    context = torch.multiprocessing.get_context("spawn")
-    children = [context.Process(target=train_in_child, args=(c, threads)) for c in cfgs]
-    logs = [os.path.join(c.results_dir, c.exp_name, "train.log") for c in cfgs]
-    print(f"training side by side, {threads} thread(s) each; logs: {', '.join(logs)}")
-    with StopSignal() as stop:
-        for child in children:
-            child.start()
-        passed_on, shown = False, None
-        while any(child.is_alive() for child in children):
-            if stop and not passed_on:
-                for child in children:
-                    if child.is_alive():
-                        os.kill(child.pid, signal.SIGTERM)
-                passed_on = True
-            time.sleep(1)
-            steps = [last_logged_step(log) for log in logs]
-            if steps != shown:
-                print(" | ".join(f"{c.exp_name} step {n}" for c, n in zip(cfgs, steps)),
-                      flush=True)
-                shown = steps
-    for log, child in zip(logs, children):
-        if child.exitcode:
-            raise UserError(f"a run of --compare failed (exit code {child.exitcode}); its log: "
-                            f"{log}")
-    if stop:
-        print("stopped by signal; both runs saved: resume with the same command")
-    return not stop
-
-
-def demo_compare(cfg):
-    """Train the vanilla SiT (lambda = 0) and SiT + REPA with the same seed: the same initial
-    weights, data order, noise and steps, so that the alignment term is the only difference.
-    Both are measured by DemoScore every --align-every steps; the report is compare.md (a table and
-    the speed-up: the steps REPA needs to reach vanilla's final FD_demo, and at every
-    measurement) and compare.png (the curves, and grids of both from the same noise). A finished
-    run is not trained again."""
-    folder = os.path.join(cfg.results_dir, cfg.exp_name)
-    runs = {name: replace(cfg, compare=False, proj_coeff=coeff,
-                          exp_name=os.path.join(cfg.exp_name, name.lower()))
-            for name, coeff in (("vanilla", 0.0), ("REPA", cfg.proj_coeff))}
-    threads = torch.get_num_threads() // len(runs)
-    if "RANK" in os.environ or torch.cuda.is_available() or threads < 1:
-        for name, run_cfg in runs.items():
-            print0(f"--- {name}: lambda = {run_cfg.proj_coeff}")
-            train_demo(run_cfg)
-    elif not train_side_by_side(list(runs.values()), threads):
-        return
-    if int(os.environ.get("RANK", 0)):
-        return
-    curves = {name: metric_curves(os.path.join(folder, name.lower())) for name in runs}
-    block = json.load(open(os.path.join(folder, "repa", "config.json")))["model_kwargs"][
-        "encoder_depth"]  # the aligned block, as the run built its model
-    aligned = f"probe/block{block}"
-    cknna_key = next(k for k in curves["REPA"] if k.startswith("cknna/") and k.endswith(
-        f"/block{block}"))
-    metrics = {"fd_demo": "FD_demo, no guidance (lower is better)",
-               "class_acc": "class accuracy of samples, no guidance",
-               cknna_key: "CKNNA with the encoder, aligned block",
-               aligned: "linear probe, aligned block"}
-    final = "; ".join(f"{m} {curves['vanilla'][m][1][-1]:.4g} -> {curves['REPA'][m][1][-1]:.4g}"
-                      for m in metrics)
-    fds = curves["vanilla"]["fd_demo"], curves["REPA"]["fd_demo"]
-    (steps, fd), ups = fds[0], speedups(*fds)
-    speedup = (f"REPA reaches vanilla's final FD_demo ({fd[-1]:.1f} at step {steps[-1]}) at step "
-               f"{steps[-1] / ups[-1]:.0f}: {ups[-1]:.1f}x fewer steps" if ups[-1] else
-               f"REPA does not reach vanilla's final FD_demo ({fd[-1]:.1f} at step {steps[-1]}) "
-               f"within {steps[-1]} steps")
-    why = [explain_speedup(*fds), ""] if len(steps) > 1 else []
-    lines = [f"# --demo --compare, seed {cfg.seed}", "",
-             f"{cfg.model}, {cfg.max_steps} steps of batch {cfg.batch_size} at lr {cfg.lr:g} "
-             f"(both runs), lambda {cfg.proj_coeff} at block {block}, target {DEMO_ENCODER}; "
-             f"judge: DemoJudge.", "", f"**{speedup}.**", "", *why,
-             f"At step {steps[-1]}, vanilla -> REPA: {final}.", "",
-             "speed-up: a row's step over the step at which REPA reached vanilla's FD_demo of "
-             "that row.", "",
-             "| step | " + " | ".join(f"{m} vanilla | {m} REPA" for m in metrics) +
-             " | speed-up |", "|---" * (2 + 2 * len(metrics)) + "|"]
-    for i, step in enumerate(steps):
-        cells = [f"{curves[name][m][1][i]:.4g}" for m in metrics for name in runs]
-        cells.append(f"{ups[i]:.2f}x" if ups[i] else "none")
-        lines.append(f"| {step} | " + " | ".join(cells) + " |")
-    atomic_write(os.path.join(folder, "compare.md"), lambda f: f.write("\n".join(lines) + "\n"),
-                 "w")
-    plot_compare(curves, metrics, folder, cfg)
-    print0(speedup + f". Report: {os.path.join(folder, 'compare.md')}, "
-           f"{os.path.join(folder, 'compare.png')}")
 
 
 #################################################################################
@@ -2831,48 +2267,34 @@ def benchmark_reader(cfg):
 #                                  Command line                                 #
 #################################################################################
 
-def add_flags(parser, config_class, extra_help=None):
-    """One flag per dataclass field: --batch-size for batch_size, --no-compile for a bool; the
-    comment after each field is its help. sample.py builds its command line the same way."""
+def add_flags(parser, config_class, defaults=None, skip=()):
+    """One flag per dataclass field but those in `skip`: --batch-size for batch_size, --no-compile
+    for a bool; the comment after each field is its help. `defaults` replaces the dataclass's
+    (a tool's own). sample.py builds its command line the same way."""
     import inspect
     import re
     helps = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(config_class), re.M))
     for f in fields(config_class):
+        if f.name in skip:
+            continue
         flag, text = "--" + f.name.replace("_", "-"), helps.get(f.name, "")
-        extra = (extra_help or {}).get(f.name, "")
+        default = (defaults or {}).get(f.name, f.default)
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=f"{text} ({extra.lstrip('; ')})" if extra else text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=text)
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default,
-                                help=f"{text} (default {f.default!r}{extra})".lstrip())
-
-
-def given_flags(argv):
-    """The field names of the flags on the command line (to tell a default from a choice)."""
-    return {a.split("=")[0][2:].replace("-", "_") for a in argv if a.startswith("--")}
+            parser.add_argument(flag, type=type(f.default), default=default,
+                                help=f"{text} (default {default!r})".lstrip())
 
 
 def parse_args(argv=None):
-    """Config from the command line; with --demo, DEMO replaces the defaults of the flags that are
-    not given. Names and values are checked here, before anything slow."""
-    argv = sys.argv[1:] if argv is None else argv
-    demo_help = {k: f"; --demo: {v!r}" for k, v in DEMO.items()}
-    parser = argparse.ArgumentParser(
-        description="REPA training (see the docstring of repa.py). --demo replaces the defaults "
-        "marked '--demo: ...'.", allow_abbrev=False)  # --max-step must not pass for --max-steps
-    add_flags(parser, Config, demo_help)
-    args = parser.parse_args(argv)
-    cfg = Config(**vars(args))
+    """Config from the command line; names and values are checked here, before anything slow."""
+    parser = argparse.ArgumentParser(description="REPA training (see the docstring of repa.py).",
+                                     allow_abbrev=False)  # --max-step must not pass for --max-steps
+    add_flags(parser, Config)
+    cfg = Config(**vars(parser.parse_args(argv)))
     try:
-        if cfg.demo:
-            given = given_flags(argv)
-            forbidden = given & set(DEMO_ONLY)
-            if forbidden:
-                raise UserError(f"--demo has its own data and alignment target: drop --"
-                                f"{', --'.join(sorted(n.replace('_', '-') for n in forbidden))}")
-            cfg = replace(cfg, **{k: v for k, v in DEMO.items() if k not in given})
-        check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)), named_encoders=not cfg.demo)
+        check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     except UserError as e:  # one line, without argparse's usage block
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -2886,29 +2308,34 @@ def in_words(error):
         f"a file is where a folder must be: {error.filename}"
 
 
-def main(argv=None):
-    cfg = parse_args(argv)
+def run_command(work):
+    """work() as a command (repa.py's, or a tool's): bad input is one clear line and exit code 2;
+    the process group ends either way."""
     try:
-        if cfg.prepare:
-            prepare(cfg.prepare, cfg.data_dir, cfg.resolution, cfg.vae, cfg.shard_size)
-        elif cfg.bench_data:
-            benchmark_reader(cfg)
-        elif cfg.analyze:
-            heldout = lambda: DemoDataset(cfg.analyze_images, seed=DEMO_HELDOUT_SEED)
-            analyze_checkpoint(cfg, *((heldout, demo_encoders) if cfg.demo else ()))
-        elif cfg.compare:
-            demo_compare(cfg)
-        else:
-            if cfg.bench:
-                cfg = replace(cfg, max_steps=cfg.bench, log_every=max(1, cfg.bench // 2))
-            (train_demo if cfg.demo else train)(cfg)
-    except (UserError, FileExistsError, NotADirectoryError) as e:  # bad input: one clear line
+        work()
+    except (UserError, FileExistsError, NotADirectoryError) as e:
         rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
         print(f"error: {rank}{in_words(e)}", file=sys.stderr)
         sys.exit(2)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+
+    def work():
+        if cfg.prepare:
+            prepare(cfg.prepare, cfg.data_dir, cfg.resolution, cfg.vae, cfg.shard_size)
+        elif cfg.bench_data:
+            benchmark_reader(cfg)
+        elif cfg.analyze:
+            analyze_checkpoint(cfg)
+        else:
+            train(replace(cfg, max_steps=cfg.bench, log_every=max(1, cfg.bench // 2))
+                  if cfg.bench else cfg)
+    run_command(work)
 
 
 if __name__ == "__main__":
