@@ -521,7 +521,7 @@ def train_side_by_side(cfgs, threads):
           f"{', '.join(os.path.join(f, 'train.log') for f in folders)}", flush=True)
     total = cfgs[0].max_steps
     bar = tqdm(total=total, initial=min(progress(f)[0] for f in folders), unit="step",
-               bar_format="{desc} | {elapsed}<{remaining}", dynamic_ncols=True)
+               bar_format="{desc} | {elapsed} elapsed, ETA {remaining}", dynamic_ncols=True)
     with repa.StopSignal() as stop:
         for child in children:
             child.start()
