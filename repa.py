@@ -28,8 +28,8 @@ Glossary: h_phi = projector (one per encoder); encoder_depth = the block whose o
 
 Commands
 --------
-  pip install -r requirements.txt && python -m pytest -q test_repa.py tools/test_demo.py  # tests
-  torchrun --nproc_per_node=8 repa.py --prepare IMAGENET/train --data-dir data/imagenet256
+  pip install -r requirements.txt && python -m pytest -q test_repa.py tools       # set up, test
+  torchrun --nproc_per_node=8 tools/prepare.py IMAGENET/train --data-dir data/imagenet256
   torchrun --nproc_per_node=8 repa.py --model XL/2 --data-dir data/imagenet256   # the paper
   torchrun --nproc_per_node=8 repa.py --model DiT-XL/2 --data-dir data/imagenet256   # DiT + REPA
   python repa.py --bench 30 --model XL/2 --batch-size 64 --compile   # img/s and MFU, no data
@@ -62,7 +62,6 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import sys
 import time
@@ -946,7 +945,7 @@ def setup_distributed():
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        # an hour, not NCCL's 10 minutes: ranks of --prepare may wait that long for each other
+        # an hour, not NCCL's 10 minutes: ranks of tools/prepare.py may wait that long for another
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1))
     rank = int(os.environ.get("RANK", 0))
     if torch.cuda.is_available():
@@ -1050,15 +1049,9 @@ def list_image_folder(src):
     return paths, labels, classes
 
 
-# The prepared dataset is a folder of shards, each a folder of three .npy arrays that training
-# memory-maps: images (N, 3, R, R) uint8, moments (N, 8, R/8, R/8) float32 (the VAE posterior mean
-# and std, as the official preprocessing stores them), labels (N,) int64. A shard is written under
-# a temporary name and renamed when complete, so a shard folder that exists is whole; manifest.json
-# lists the shards and the unreadable files. ImageNet at 256 px: 1.28M x (196,608 + 32,768) bytes,
-# about 294 GB (251 GB of images, 42 GB of moments).
-def shard_name(k):
-    return f"shard-{k:05d}"
-
+# The prepared dataset (tools/prepare.py writes it; its docstring gives the layout) is a folder of
+# shards, each a folder of three .npy arrays that training memory-maps: images (N, 3, R, R) uint8,
+# moments (N, 8, R/8, R/8) float32 (the VAE posterior mean and std), labels (N,) int64.
 
 def read_images(paths, resolution, bar):
     """(uint8 (N, 3, R, R) ADM crops, indices of the readable files, 'path: error' of the rest)."""
@@ -1088,33 +1081,9 @@ def vae_moments(vae, images, batch_size, device):
     return torch.cat(moments).numpy() if moments else np.zeros((0, 8, latent, latent), np.float32)
 
 
-def write_shard(out, k, images, moments, labels, failed=()):
-    """Write shard k under a temporary name, then rename it: a shard folder that exists is whole,
-    so a stopped preparation is resumed by redoing only the shards that do not exist."""
-    tmp = os.path.join(out, f".{shard_name(k)}.tmp{os.getpid()}")
-    os.makedirs(tmp, exist_ok=True)
-    for name, array in [("images", images), ("moments", moments), ("labels", labels)]:
-        np.save(os.path.join(tmp, f"{name}.npy"), array)
-    with open(os.path.join(tmp, "failed.json"), "w") as f:
-        json.dump(list(failed), f)
-    os.replace(tmp, os.path.join(out, shard_name(k)))
-
-
-def write_manifest(out, n_shards, resolution, classes, vae_name):
-    """manifest.json: the shards, their sizes and every unreadable file, written last."""
-    names = [shard_name(k) for k in range(n_shards)]
-    shards = [{"name": d, "count": len(np.load(os.path.join(out, d, "labels.npy")))} for d in names]
-    failed = [f for d in names for f in json.load(open(os.path.join(out, d, "failed.json")))]
-    manifest = {"resolution": resolution, "vae": vae_name, "classes": classes,
-                "count": sum(s["count"] for s in shards), "shards": shards, "failed": failed}
-    atomic_write(os.path.join(out, "manifest.json"), lambda f: json.dump(manifest, f, indent=1),
-                 "w")
-    return manifest
-
-
 def check_recipe(out, recipe):
     """A preparation resumes only as it began: shards made from another source or with another
-    size, resolution or VAE (or by --bench-data) are refused, never mixed with new ones."""
+    size, resolution or VAE (or by its --bench-data) are refused, never mixed with new ones."""
     path = os.path.join(out, "prepare.json")
     if os.path.isfile(path):
         stored = json.load(open(path))
@@ -1124,47 +1093,8 @@ def check_recipe(out, recipe):
                             f"--data-dir, or the flags it was begun with")
     elif os.path.isdir(out) and any(n.startswith("shard-") or n == "manifest.json"
                                     for n in os.listdir(out)):
-        raise UserError(f"{out} holds shards that no --prepare began (no prepare.json): use an "
-                        f"empty --data-dir")
-
-
-def prepare(src, out, resolution=256, vae_name="stabilityai/sd-vae-ft-mse", shard_size=10_000,
-            batch_size=64):
-    """ImageFolder -> shards, sharded over torchrun ranks and resumable (finished shards are
-    skipped; a half-written one is redone). Unreadable images are counted and listed."""
-    from tqdm import tqdm
-    rank, world, device = setup_distributed()
-    paths, labels, classes = list_image_folder(src)
-    recipe = dict(source=os.path.abspath(src), files=len(paths), resolution=resolution,
-                  vae=vae_name, shard_size=shard_size)
-    check_recipe(out, recipe)  # read only, on every rank: all fail alike
-    chunks = [range(i, min(i + shard_size, len(paths))) for i in range(0, len(paths), shard_size)]
-    # every rank lists the same missing shards and takes every world-th: balanced after a resume
-    missing = [k for k in range(len(chunks)) if not os.path.isdir(os.path.join(out, shard_name(k)))]
-    todo = missing[rank::world]
-    vae = load_vae(vae_name, device) if missing else None  # all ranks fail alike when it is absent
-    if rank == 0:  # nothing is written before the checks
-        os.makedirs(out, exist_ok=True)
-        atomic_write(os.path.join(out, "prepare.json"), lambda f: json.dump(recipe, f), "w")
-        for name in os.listdir(out):  # what a stopped preparation was writing: redone
-            if name.startswith(".shard-"):
-                shutil.rmtree(os.path.join(out, name))
-    barrier()  # every rank has listed before any shard is written
-    bar = tqdm(total=sum(len(chunks[k]) for k in todo), disable=rank != 0, desc="prepare",
-               unit="img")
-    for k in todo:
-        images, keep, failed = read_images([paths[i] for i in chunks[k]], resolution, bar)
-        moments = vae_moments(vae, images, batch_size, device)
-        write_shard(out, k, images, moments, np.asarray([labels[chunks[k][i]] for i in keep],
-                                                        np.int64), failed)
-    bar.close()
-    barrier()
-    if rank == 0:
-        manifest = write_manifest(out, len(chunks), resolution, classes, vae_name)
-        print0(f"prepared {manifest['count']} images in {len(manifest['shards'])} shards at {out}; "
-               f"{len(manifest['failed'])} unreadable" +
-               "".join(f"\n  skipped {f}" for f in manifest["failed"]))
-    return out
+        raise UserError(f"{out} holds shards that no tools/prepare.py began (no prepare.json): "
+                        f"use an empty --data-dir")
 
 
 #################################################################################
@@ -1182,7 +1112,7 @@ class ShardDataset(torch.utils.data.Dataset):
         path = os.path.join(data_dir, "manifest.json")
         if not os.path.isfile(path):
             raise UserError(f"no prepared dataset at {data_dir} (manifest.json missing): run "
-                            f"python repa.py --prepare IMAGENET_TRAIN_FOLDER --data-dir {data_dir}")
+                            f"python tools/prepare.py IMAGENET_TRAIN_FOLDER --data-dir {data_dir}")
         manifest = json.load(open(path))
         self.resolution, self.num_classes = manifest["resolution"], len(manifest["classes"])
         dirs = [os.path.join(data_dir, s["name"]) for s in manifest["shards"] if s["count"]]
@@ -1309,8 +1239,6 @@ class Config:
     `parse_args`). Defaults are the paper's / the official train.py's."""
     # what to run (the default is training)
     bench: int = 0              # time this many steps on random data (no dataset, random encoders)
-    prepare: str = ""           # ImageNet-style folder to turn into shards at --data-dir
-    bench_data: int = 0         # read this many samples from --data-dir, print samples/s
     # model and method
     model: str = "XL/2"         # T|S|B|L|XL / 2|4|8, or SiT-XL/2; DiT-XL/2 etc.: DiT (DDPM)
     encoder_depth: int = 0      # block whose output is aligned (eq. 8); 0 = the size table's
@@ -1322,10 +1250,9 @@ class Config:
     cfg_prob: float = CLASS_DROPOUT  # label dropout, for classifier-free guidance
     qk_norm: bool = False       # LayerNorm on queries and keys
     # data
-    data_dir: str = "data/imagenet256"  # prepared shards (written by --prepare)
-    resolution: int = 256       # 256 | 512, for --prepare and the benchmarks (training reads it)
-    vae: str = "stabilityai/sd-vae-ft-mse"  # for --prepare
-    shard_size: int = 10_000    # images per shard, for --prepare (the unit of resumption)
+    data_dir: str = "data/imagenet256"  # prepared shards (written by tools/prepare.py)
+    resolution: int = 256       # 256 | 512, for --bench (training reads the shards')
+    vae: str = "stabilityai/sd-vae-ft-mse"  # --analyze of an image folder: makes its latents
     num_workers: int = 4        # data loader processes per GPU
     # optimisation
     batch_size: int = 256       # global, over all GPUs and accumulation steps
@@ -1368,9 +1295,9 @@ class Config:
 LIMITS = {
     **{k: (lambda v: v >= 1, "at least 1") for k in (
         "batch_size", "grad_accum", "max_steps", "log_every", "ckpt_every", "latest_every",
-        "shard_size", "projector_dim", "probe_epochs", "probe_batch")},
+        "projector_dim", "probe_epochs", "probe_batch")},
     **{k: (lambda v: v >= 0, "at least 0") for k in (
-        "bench", "bench_data", "encoder_depth", "num_workers", "seed", "sample_every",
+        "bench", "encoder_depth", "num_workers", "seed", "sample_every",
         "weight_decay", "proj_coeff", "align_every")},
     **{k: (lambda v: v > 0, "positive") for k in ("lr", "adam_eps", "max_grad_norm", "probe_lr")},
     **{k: (lambda v: 0 <= v < 1, "in [0, 1)") for k in ("adam_beta1", "adam_beta2", "cfg_prob")},
@@ -1415,11 +1342,6 @@ def check_config(cfg, world=1, named_encoders=True):
         parse_times(cfg.analyze_t)
         for entry in cfg.enc_type.split(",") if named_encoders else []:
             parse_encoder(entry)
-        return
-    if cfg.prepare or cfg.bench_data:  # neither trains: only the image size matters
-        if cfg.resolution < VAE_DOWNSAMPLE or cfg.resolution % VAE_DOWNSAMPLE:
-            raise UserError(f"--resolution must be a multiple of {VAE_DOWNSAMPLE} (the SD-VAE's "
-                            f"downsampling), got {cfg.resolution}")
         return
     if cfg.resolution not in (256, 512):  # the encoders' grids are set for these two
         raise UserError(f"--resolution must be 256 or 512, got {cfg.resolution}")
@@ -1971,7 +1893,7 @@ class AlignmentLog:
 def describe(run, own_data=False):
     """What runs, as it runs: the config without the fields this run does not use, the model,
     the data and the target. own_data: a tool's data set, which says what it is (`description`)."""
-    cfg, unused = run.cfg, {"prepare", "shard_size", "bench_data", "vae", *ANALYSIS_ONLY}
+    cfg, unused = run.cfg, {"vae", *ANALYSIS_ONLY}
     unused |= {"data_dir", "resolution"} if own_data else set()
     unused |= {"path_type", "weighting"} if run.model.learn_sigma else set()  # SiT's only
     shown = {k: v for k, v in asdict(cfg).items() if k not in unused}
@@ -2239,30 +2161,6 @@ def analyze_checkpoint(cfg, data=None, encoders=None):
     return result
 
 
-def benchmark_reader(cfg):
-    """Reader throughput, as training reads it (DataLoader, workers, batches of --batch-size).
-    A --data-dir that does not exist (or is empty) is first filled with random shards of the real
-    shapes; any other folder must be a prepared dataset, and is only read."""
-    if not os.path.isdir(cfg.data_dir) or not os.listdir(cfg.data_dir):
-        os.makedirs(cfg.data_dir, exist_ok=True)
-        r, n, latent = cfg.resolution, 5_000, cfg.resolution // VAE_DOWNSAMPLE
-        rng = np.random.default_rng(0)
-        for k in range(4):
-            write_shard(cfg.data_dir, k, rng.integers(0, 256, (n, 3, r, r), np.uint8),
-                        rng.standard_normal((n, 8, latent, latent), np.float32),
-                        rng.integers(0, NUM_CLASSES, n))
-        write_manifest(cfg.data_dir, 4, r, [str(c) for c in range(NUM_CLASSES)], "random")
-    dataset = ShardDataset(cfg.data_dir)
-    data = iter(loader(dataset, ResumableBatches(len(dataset), cfg.batch_size, seed=cfg.seed),
-                       cfg.num_workers))
-    next(data)  # start the workers
-    start, seen = time.perf_counter(), 0
-    while seen < cfg.bench_data:
-        seen += len(next(data)[2])
-    print(f"reader: {seen / (time.perf_counter() - start):.0f} samples/s ({len(dataset)} samples, "
-          f"{dataset.resolution} px, batch {cfg.batch_size}, {cfg.num_workers} workers)")
-
-
 #################################################################################
 #                                  Command line                                 #
 #################################################################################
@@ -2326,11 +2224,7 @@ def main(argv=None):
     cfg = parse_args(argv)
 
     def work():
-        if cfg.prepare:
-            prepare(cfg.prepare, cfg.data_dir, cfg.resolution, cfg.vae, cfg.shard_size)
-        elif cfg.bench_data:
-            benchmark_reader(cfg)
-        elif cfg.analyze:
+        if cfg.analyze:
             analyze_checkpoint(cfg)
         else:
             train(replace(cfg, max_steps=cfg.bench, log_every=max(1, cfg.bench // 2))
