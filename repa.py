@@ -33,7 +33,7 @@ Commands
   torchrun --nproc_per_node=8 repa.py --model XL/2 --data-dir data/imagenet256   # the paper
   torchrun --nproc_per_node=8 repa.py --model DiT-XL/2 --data-dir data/imagenet256   # DiT + REPA
   python repa.py --bench 30 --model XL/2 --batch-size 64 --compile   # img/s and MFU, no data
-  torchrun --nproc_per_node=8 repa.py --analyze last.pt --data-dir IMAGENET/val \
+  torchrun --nproc_per_node=8 tools/analyze.py last.pt --data-dir IMAGENET/val \
       --enc-type dinov2-vit-g                # fig. 2: CKNNA and linear probes per block and t
   python sample.py --ckpt results/repa                                # a grid of samples
   torchrun --nproc_per_node=8 sample.py --ckpt results/repa --num-fid-samples 50000  # FID .npz
@@ -45,11 +45,11 @@ Map of this file
                      loss); the frozen encoders; measuring alignment (CKNNA, linear probes).
                      Depends on torch, numpy and timm only: a reader who stops here has the whole
                      method and can paste it.
-  II  Data           processes and files; the SD-VAE; ImageNet -> shards; the reader and its
-                     resumable order.
+  II  Data           processes and files; the SD-VAE; reading images (ADM's crop) and the
+                     prepared shards (tools/prepare.py writes them) in a resumable order.
   III Training       the config and its checks; EMA, checkpoints, signals; one step; the loop
                      (and its seam, through which the programs in tools/ train on their own data
-                     and targets); --analyze; the command line. Only `main` looks forward.
+                     and targets); the command line. Only `main` looks forward.
 """
 import argparse
 import contextlib
@@ -928,7 +928,7 @@ def block_features(model, x, t, noise, path_type="linear"):
 
 #################################################################################################
 #                                                                                               #
-#   PART II. DATA: ImageNet -> SD-VAE latents in shards, a fast resumable reader                #
+#   PART II. DATA: the SD-VAE, images, and the shards of latents in a resumable order           #
 #                                                                                               #
 #################################################################################################
 
@@ -978,7 +978,7 @@ def atomic_write(path, write, mode="wb"):
 
 
 #################################################################################
-#                 The SD-VAE, and ImageNet -> shards of latents                  #
+#                  The SD-VAE, and reading ImageNet-style folders               #
 #################################################################################
 
 def _hub_folder(repo_id):
@@ -1070,17 +1070,6 @@ def read_images(paths, resolution, bar):
     return images, keep, failed
 
 
-@torch.no_grad()
-def vae_moments(vae, images, batch_size, device):
-    """uint8 images -> the posterior mean and std of the SD-VAE, float32 (N, 8, R/8, R/8)."""
-    moments = []
-    for batch in torch.from_numpy(images).split(batch_size):
-        posterior = vae.encode(batch.to(device).float() / 127.5 - 1).latent_dist
-        moments.append(torch.cat([posterior.mean, posterior.std], dim=1).float().cpu())
-    latent = images.shape[-1] // VAE_DOWNSAMPLE
-    return torch.cat(moments).numpy() if moments else np.zeros((0, 8, latent, latent), np.float32)
-
-
 def check_recipe(out, recipe):
     """A preparation resumes only as it began: shards made from another source or with another
     size, resolution or VAE (or by its --bench-data) are refused, never mixed with new ones."""
@@ -1151,31 +1140,6 @@ class RandomData(torch.utils.data.Dataset):
         latent = r // VAE_DOWNSAMPLE
         return (torch.randint(0, 256, (b, 3, r, r), dtype=torch.uint8),
                 torch.randn(b, 8, latent, latent).abs_(), torch.randint(0, self.num_classes, (b,)))
-
-
-class ImageFolderData(torch.utils.data.Dataset):
-    """An ImageNet-style folder read on the fly, for --analyze: it reads each image once, so
-    shards would not pay. ADM crop and SD-VAE moments per batch, in this process (on its GPU)."""
-    latent_scale = LATENT_SCALE
-
-    def __init__(self, src, resolution, vae_name, device):
-        paths, labels, classes = list_image_folder(src)
-        self.paths, self.labels, self.num_classes = paths, np.asarray(labels), len(classes)
-        self.resolution, self.device = resolution, device
-        self.vae = load_vae(vae_name, device)
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitems__(self, indices):
-        from tqdm import tqdm
-        images, _, failed = read_images([self.paths[i] for i in indices], self.resolution,
-                                        tqdm(disable=True))
-        if failed:  # a measurement over other images than asked for would mislead
-            raise UserError(f"cannot read {failed[0]}")
-        moments = vae_moments(self.vae, images, len(images), self.device)
-        return (torch.from_numpy(images), torch.from_numpy(moments),
-                torch.from_numpy(self.labels[np.asarray(indices)]))
 
 
 class ResumableBatches(torch.utils.data.Sampler):
@@ -1252,7 +1216,6 @@ class Config:
     # data
     data_dir: str = "data/imagenet256"  # prepared shards (written by tools/prepare.py)
     resolution: int = 256       # 256 | 512, for --bench (training reads the shards')
-    vae: str = "stabilityai/sd-vae-ft-mse"  # --analyze of an image folder: makes its latents
     num_workers: int = 4        # data loader processes per GPU
     # optimisation
     batch_size: int = 256       # global, over all GPUs and accumulation steps
@@ -1280,69 +1243,46 @@ class Config:
     wandb: str = ""             # also log to this Weights & Biases project (metrics.jsonl stays)
     align_every: int = 10_000   # steps between CKNNA logs of the EMA on a fixed batch; 0 = never
     align_images: int = 1024    # images in that fixed batch
-    # measuring alignment (--analyze): the paper's fig. 2 for a checkpoint
-    analyze: str = ""           # checkpoint or run folder: CKNNA and linear probes per block and t
-    analyze_images: int = 10_000  # images measured (the paper: 10,000 of ImageNet val)
-    analyze_t: str = "0,0.25,0.5,0.75"  # noise levels, comma-separated (t = 0 is data)
     knn: int = 10               # k, the nearest neighbours of CKNNA (the paper's 10)
-    probe_epochs: int = 90      # linear probe: epochs over the probe's images (MAE's 90)
-    probe_batch: int = 16384    # linear probe: batch size (MAE's; at most the probe's images)
-    probe_lr: float = 1e-3      # linear probe: Adam's lr, cosine-decayed to 0
-    probe_holdout: float = 0.2  # fraction of the --analyze images the probe is tested on
 
 
 # What each numeric flag may be: checked before any slow or I/O work, one line per problem
 LIMITS = {
     **{k: (lambda v: v >= 1, "at least 1") for k in (
         "batch_size", "grad_accum", "max_steps", "log_every", "ckpt_every", "latest_every",
-        "projector_dim", "probe_epochs", "probe_batch")},
+        "projector_dim")},
     **{k: (lambda v: v >= 0, "at least 0") for k in (
         "bench", "encoder_depth", "num_workers", "seed", "sample_every",
         "weight_decay", "proj_coeff", "align_every")},
-    **{k: (lambda v: v > 0, "positive") for k in ("lr", "adam_eps", "max_grad_norm", "probe_lr")},
+    **{k: (lambda v: v > 0, "positive") for k in ("lr", "adam_eps", "max_grad_norm")},
     **{k: (lambda v: 0 <= v < 1, "in [0, 1)") for k in ("adam_beta1", "adam_beta2", "cfg_prob")},
     "ema_decay": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "knn": (lambda v: v >= 2, "at least 2"),
-    "probe_holdout": (lambda v: 0 < v < 1, "in (0, 1)"),
 }
-ANALYSIS_ONLY = ("analyze", "analyze_images", "analyze_t", "probe_epochs", "probe_batch",
-                 "probe_lr", "probe_holdout")
-
-
-def parse_times(text):
-    """'0,0.25,0.5' -> [0.0, 0.25, 0.5]: the noise levels of --analyze, each in [0, 1]."""
-    try:
-        ts = [float(v) for v in text.split(",")]
-    except ValueError:
-        ts = []
-    if not ts or not all(0 <= t <= 1 for t in ts):
-        raise UserError(f"--analyze-t must be comma-separated times in [0, 1], got {text!r}")
-    return ts
 CHOICES = dict(path_type=PATH_TYPES, weighting=WEIGHTINGS, precision=("auto", "bf16", "fp32"))
+
+
+def check_values(cfg, limits, choices=(), images=None):
+    """Each value within its rule ({field: (ok, rule)}) and its choices ({field: allowed}): one
+    line that names the first that is not. `images`: the field that counts the images of CKNNA,
+    which ranks k neighbours besides the image itself, and whose unbiased HSIC needs N > 3."""
+    for name, (ok, rule) in limits.items():
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and ok(value)):
+            raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
+    for name, allowed in dict(choices).items():
+        if getattr(cfg, name) not in allowed:
+            raise UserError(f"--{name.replace('_', '-')} must be one of "
+                            f"{', '.join(map(str, allowed))}, got {getattr(cfg, name)!r}")
+    if images and getattr(cfg, images) <= cfg.knn + 3:
+        raise UserError(f"--{images.replace('_', '-')} must be more than --knn + 3 = "
+                        f"{cfg.knn + 3}, got {getattr(cfg, images)}")
 
 
 def check_config(cfg, world=1, named_encoders=True):
     """Every name and value, before anything is read or built: one line that names the bad one.
     named_encoders False: a tool supplies the encoders (train's `encoders`), not --enc-type."""
-    for name, (ok, rule) in LIMITS.items():
-        value = getattr(cfg, name)
-        if not (math.isfinite(value) and ok(value)):
-            raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
-    for name, allowed in CHOICES.items():
-        if getattr(cfg, name) not in allowed:
-            raise UserError(f"--{name.replace('_', '-')} must be one of "
-                            f"{', '.join(map(str, allowed))}, got {getattr(cfg, name)!r}")
-    # CKNNA ranks k neighbours besides the image itself, and its unbiased HSIC needs N > 3
-    used = ["analyze_images"] if cfg.analyze else ["align_images"] if cfg.align_every else []
-    for name in used:
-        if getattr(cfg, name) <= cfg.knn + 3:
-            raise UserError(f"--{name.replace('_', '-')} must be more than --knn + 3 = "
-                            f"{cfg.knn + 3}, got {getattr(cfg, name)}")
-    if cfg.analyze:  # the model comes from the checkpoint: only the measurement is checked
-        parse_times(cfg.analyze_t)
-        for entry in cfg.enc_type.split(",") if named_encoders else []:
-            parse_encoder(entry)
-        return
+    check_values(cfg, LIMITS, CHOICES, "align_images" if cfg.align_every else None)
     if cfg.resolution not in (256, 512):  # the encoders' grids are set for these two
         raise UserError(f"--resolution must be 256 or 512, got {cfg.resolution}")
     size = size_config(cfg.model)
@@ -1893,7 +1833,7 @@ class AlignmentLog:
 def describe(run, own_data=False):
     """What runs, as it runs: the config without the fields this run does not use, the model,
     the data and the target. own_data: a tool's data set, which says what it is (`description`)."""
-    cfg, unused = run.cfg, {"vae", *ANALYSIS_ONLY}
+    cfg, unused = run.cfg, set()
     unused |= {"data_dir", "resolution"} if own_data else set()
     unused |= {"path_type", "weighting"} if run.model.learn_sigma else set()  # SiT's only
     shown = {k: v for k, v in asdict(cfg).items() if k not in unused}
@@ -1990,178 +1930,6 @@ def train(cfg, data=None, encoders=None, measure=None):
 
 
 #################################################################################
-#              Measuring a checkpoint: --analyze (the paper's fig. 2)            #
-#################################################################################
-
-def analysis_images(cfg, info, device, data=None):
-    """(dataset, sorted indices) of the images to measure: a tool's own (analyze_checkpoint's
-    `data`), prepared shards, or an ImageNet-style folder read on the fly; a seeded random choice
-    of --analyze-images of them."""
-    if data is None and info["pixel_space"]:
-        raise UserError(f"{info['path']} is a pixel-space model: measure it on its own data, "
-                        f"with the tool that trained it")
-    if data is not None:
-        data = data()
-    elif os.path.isfile(os.path.join(cfg.data_dir, "manifest.json")):
-        data = ShardDataset(cfg.data_dir)
-    else:
-        data = ImageFolderData(cfg.data_dir, info["resolution"], cfg.vae, device)
-    if data.resolution != info["resolution"]:
-        raise UserError(f"{cfg.data_dir} holds {data.resolution} px images, the checkpoint is "
-                        f"for {info['resolution']} px")
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed))
-    return data, order[:cfg.analyze_images].sort().values.numpy()
-
-
-def gather_rows(x, n, world, device):
-    """Rank r holds rows r, r + world, r + 2 world, ... of n: all n rows, in order, on rank 0
-    (on the CPU; None on the others). Padded to equal shares, as gather needs equal shapes."""
-    if world == 1:
-        return x
-    rank, share = dist.get_rank(), -(-n // world)
-    padded = torch.zeros((share,) + x.shape[1:], dtype=x.dtype, device=device)
-    padded[:len(x)] = x.to(device)
-    parts = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
-    dist.gather(padded, parts, dst=0)
-    return torch.stack(parts, dim=1).flatten(0, 1)[:n].cpu() if rank == 0 else None
-
-
-@torch.no_grad()
-def extract_features(model, encoders, data, rows, ts, cfg, info, device):
-    """Each rank takes every world-th image; then rank 0 holds, in order: labels (N,), the
-    encoders' pooled features [(N, D_k)], and the SiT's pooled hidden states (N, len(ts), depth,
-    D), float32 on the CPU. One noise draw per image serves every t, so that the curves of the
-    different t differ only by t."""
-    from tqdm import tqdm
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    size = (len(rows), model.in_channels, info["input_size"], info["input_size"])
-    noise = torch.randn(size, generator=torch.Generator().manual_seed(cfg.seed))[rank::world]
-    mine, per = rows[rank::world], max(1, cfg.batch_size // world)
-    labels, enc, sit = [], [], []
-    for s in tqdm(range(0, len(mine), per), desc=f"features (rank 0 of {world})", unit="batch",
-                  disable=rank != 0):
-        images, moments, y = data.__getitems__(mine[s:s + per])
-        x, eps = clean_latents(moments, data).to(device), noise[s:s + per].to(device)
-        labels.append(y)
-        enc.append([f.float().mean(1).cpu() for f in encode(encoders, images.to(device))])
-        sit.append(torch.stack([block_features(model, x, torch.full((len(x),), t, device=device),
-                                               eps, info["path_type"]).cpu() for t in ts], dim=1))
-    n = len(rows)
-    return (gather_rows(torch.cat(labels), n, world, device),
-            [gather_rows(torch.cat(f), n, world, device) for f in zip(*enc)],
-            gather_rows(torch.cat(sit), n, world, device))
-
-
-def alignment_report(labels, enc, sit, ts, encoders, num_classes, cfg, device):
-    """CKNNA of every (t, block) with every encoder, on L2-normalised pooled features (as the PRH
-    pipeline), and the top-1 accuracy of a linear probe on every (t, block) and on every encoder,
-    trained on a seeded (1 - holdout) of the images and tested on the rest."""
-    from tqdm import tqdm
-    split = torch.randperm(len(labels), generator=torch.Generator().manual_seed(cfg.seed))
-    held = max(1, round(len(labels) * cfg.probe_holdout))
-    test, train, labels = split[:held], split[held:], labels.to(device)
-
-    def probe(f):
-        f = f.to(device)
-        return round(linear_probe(f[train], labels[train], f[test], labels[test], num_classes,
-                                  cfg.probe_epochs, cfg.probe_batch, cfg.probe_lr, cfg.seed), 4)
-
-    targets = [F.normalize(z.to(device), dim=-1) for z in enc]
-    report = {"probe": {}, "encoders": {e.name: {"probe": probe(z), "cknna": {}}
-                                        for e, z in zip(encoders, enc)}}
-    for i, t in enumerate(tqdm(ts, desc="CKNNA and probes", unit="t")):
-        h = sit[:, i].to(device)  # (N, depth, D)
-        report["probe"][str(t)] = [probe(h[:, b]) for b in range(h.shape[1])]
-        h = F.normalize(h, dim=-1)
-        for e, z in zip(encoders, targets):
-            report["encoders"][e.name]["cknna"][str(t)] = [
-                round(cknna(h[:, b], z, cfg.knn), 4) for b in range(h.shape[1])]
-    return report
-
-
-def plot_alignment(result, path):
-    """The PNG: linear-probe accuracy against block (fig. 2a: one line per t, each encoder's own
-    accuracy dashed), then CKNNA against block for each encoder (fig. 2b: one line per t)."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-    encoders = result["encoders"]
-    fig, axes = plt.subplots(1, 1 + len(encoders), figsize=(5.5 * (1 + len(encoders)), 4.2))
-    panels = [(axes[0], result["probe"], "linear probe top-1 accuracy", "(a) semantic gap")] + [
-        (ax, e["cknna"], f"CKNNA with {name}", "(b) alignment")
-        for ax, (name, e) in zip(axes[1:], encoders.items())]
-    for ax, curves, ylabel, title in panels:
-        for t, values in curves.items():
-            ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=f"t = {t}")
-        ax.set(xlabel="block", ylabel=ylabel, title=title)
-        ax.grid(alpha=0.3)
-    for name, e in encoders.items():
-        axes[0].axhline(e["probe"], linestyle="--", color="gray")
-        axes[0].annotate(name, (1, e["probe"]), textcoords="offset points", xytext=(2, 3),
-                         fontsize=8, color="gray")
-    for ax in axes:
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{os.path.basename(result['checkpoint'])}: {result['images']:,} images, "
-                 f"k = {result['knn']}, t = 0 is data", fontsize=10)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
-
-
-def analyze_checkpoint(cfg, data=None, encoders=None):
-    """--analyze: for a checkpoint (ours, an official one, a run folder), CKNNA and linear-probe
-    accuracy of the hidden state after every block at every t; writes analysis.json and
-    analysis.png under <run>/analysis/<checkpoint>-<settings' hash>/ for a checkpoint of a run
-    folder (so that no analysis overwrites another), else under results_dir/exp_name. Feature
-    extraction is split over torchrun's ranks; rank 0 computes the metrics. A tool measures on
-    its own data set and encoders, factories as train's `data` and `encoders`."""
-    import sample  # lazily, as Grids: sample.py imports this file
-    rank, world, device = setup_distributed()
-    model, info = sample.load_checkpoint(cfg.analyze, device)  # the EMA
-    data, rows = analysis_images(cfg, info, device, data)
-    if len(rows) <= max(world, cfg.knn + 3):
-        raise UserError(f"{len(rows)} images are too few to measure with --knn {cfg.knn} on "
-                        f"{world} processes")
-    encoders = encoders(device) if encoders else load_encoders(cfg.enc_type, info["resolution"],
-                                                                device)
-    ts = parse_times(cfg.analyze_t)
-    print0(f"measuring {info['path']} ({len(model.blocks)} blocks) on {len(rows):,} images at "
-           f"t = {ts} against {', '.join(e.name for e in encoders)}; no class label")
-    labels, enc, sit = extract_features(model, encoders, data, rows, ts, cfg, info, device)
-    result = None
-    if rank == 0:
-        result = dict(checkpoint=info["path"], steps=info["steps"], images=len(rows), t=ts,
-                      knn=cfg.knn, features="hidden states averaged over tokens, L2-normalised "
-                      "for CKNNA", probe_protocol=dict(
-                          epochs=cfg.probe_epochs, batch=cfg.probe_batch, lr=cfg.probe_lr,
-                          holdout=cfg.probe_holdout),
-                      **alignment_report(labels, enc, sit, ts, encoders, data.num_classes, cfg,
-                                         device))
-        folder, name = os.path.split(os.path.abspath(info["path"]))
-        run_dir = os.path.dirname(folder)
-        if not (os.path.basename(folder) == "checkpoints" and
-                os.path.isfile(os.path.join(run_dir, "config.json"))):
-            run_dir = os.path.join(cfg.results_dir, cfg.exp_name)  # a file of no run of ours
-        # every setting that changes the numbers picks the folder, so none replaces another's
-        settings = {k: getattr(cfg, k) for k in ANALYSIS_ONLY + (
-            "knn", "seed", "enc_type", "data_dir") if k != "analyze"}
-        digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-        out = os.path.join(run_dir, "analysis", f"{os.path.splitext(name)[0]}-{digest}")
-        result["settings"] = settings
-        os.makedirs(out, exist_ok=True)
-        atomic_write(os.path.join(out, "analysis.json"),
-                     lambda f: json.dump(result, f, indent=1), "w")
-        plot_alignment(result, os.path.join(out, "analysis.png"))
-        for t in map(str, ts):
-            best = {n: max(e["cknna"][t]) for n, e in result["encoders"].items()}
-            print(f"t = {t}: best probe {max(result['probe'][t]):.3f}, best CKNNA " +
-                  ", ".join(f"{n} {v:.3f}" for n, v in best.items()))
-        print(f"wrote {out}/analysis.json and analysis.png")
-    barrier()
-    return result
-
-
-#################################################################################
 #                                  Command line                                 #
 #################################################################################
 
@@ -2222,14 +1990,8 @@ def run_command(work):
 
 def main(argv=None):
     cfg = parse_args(argv)
-
-    def work():
-        if cfg.analyze:
-            analyze_checkpoint(cfg)
-        else:
-            train(replace(cfg, max_steps=cfg.bench, log_every=max(1, cfg.bench // 2))
-                  if cfg.bench else cfg)
-    run_command(work)
+    run_command(lambda: train(replace(cfg, max_steps=cfg.bench, log_every=max(1, cfg.bench // 2))
+                              if cfg.bench else cfg))
 
 
 if __name__ == "__main__":

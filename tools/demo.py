@@ -23,7 +23,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import torch
 import torch.nn as nn
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+import analyze  # noqa: E402
 import repa  # noqa: E402
 import sample  # noqa: E402
 from repa import UserError, atomic_write, barrier, fit, print0  # noqa: E402
@@ -55,23 +56,18 @@ class DemoDataset(torch.utils.data.Dataset):
     as for latents, with scale 1.
 
     Why centred and always lighter: a SiT learns the mean of the clean image given the noisy one
-    and the label, and at high noise the label can move that mean only as far as the classes'
-    mean images lie apart. With shapes anywhere, light or dark (version 1), they were nearly one
-    image (rms distance 0.012 from their mean; 0.20 in version 2, 0.26 here): the label moved the
-    velocity by 3-7% of its norm even after 4,000 steps, and at 1,000 steps 0.14-0.17 of the
-    samples were of their class, 0.45-0.50 in version 2 (any turn).
-
-    Why turned by at most 0.5 radians (about 30 degrees), not by any angle as in version 2: a class
-    whose shape may take any turn is a ring of images, and a sample must pick one turn and keep it
-    from the first, noisiest steps on. After 1,000 steps the SiT drew bars as specks and Ls and
-    triangles as fragments; with the turns limited, bars, crescents and half-disks come out whole
-    and three quarters of the samples are of their class without guidance (README, "How the demo
-    got here")."""
+    and the label, and at high noise the label moves that mean only as far as the classes' mean
+    images lie apart (rms 0.26 from their mean here; 0.012 for shapes anywhere, light or dark,
+    where the label moved the velocity by 3-7% and a sixth of the samples were of their class).
+    Why turned by at most 0.5 radians: a shape that may take any turn makes its class a ring of
+    images, and a sample must pick its turn in the first, noisiest steps; with any turn the SiT
+    drew bars as specks at 1,000 steps, with the turns limited three quarters of the samples are
+    of their class without guidance."""
     latent_scale = 1.0
     num_classes, resolution = 10, 16
     description = ("procedural shapes in pixel space (no VAE); the alignment target is "
                    "demo-simclr-vit, a ViT pretrained on the shapes without labels (SimCLR)")
-    version = 3  # of the images: the encoder and judge cached for another version are not used
+    version = 3  # of the images' recipe: networks cached for another recipe are not used
     # half a shape's extent, its centre's offset from the image's centre (each axis), in pixels;
     # its largest turn either way, in radians; the background's gradient
     size_range, jitter, turn, ramp = (5, 6.7), 1.0, 0.5, 0.05
@@ -190,8 +186,8 @@ def simclr_view(images, g):
     `DemoDataset.turn` either way), flipped, scaled and shifted (one affine resampling), the colour
     channels permuted, the brightness inverted half the time, contrast and brightness jittered.
     These are the demo's nuisances (pose, colour) and more (a dark shape on light), so what two
-    views of one image share is the shape. Turned by any angle instead, as the shapes of version 2
-    were, the encoder's probe is 0.80, not 0.88, and REPA's lead smaller (README)."""
+    views of one image share is the shape (turned by any angle, the encoder's probe is 0.80, not
+    0.88, and REPA's lead smaller)."""
     b = len(images)
     uniform = lambda *shape: torch.rand(*shape, generator=g)
     angle = DemoDataset.turn * (2 * uniform(b) - 1)
@@ -236,11 +232,10 @@ def pretrain_simclr(steps, batch_size=128, lr=2e-3, temperature=0.2, seed=0):
         z = F.normalize(head(vit.forward_features(views).mean(1)), dim=-1)
         return F.cross_entropy((z @ z.T / temperature).fill_diagonal_(-math.inf), partner)
     fit_shown([*vit.parameters(), *head.parameters()], loss, steps, lr, "SimCLR", warmup=20)
-    # The tokens' residual stream shares one large direction (on held-out shapes, a token's cosine
-    # to the mean token is 0.85), so as a cosine target it is nearly constant: a projector that
-    # outputs that direction scored 0.95 within 100 steps and eq. (8) carried little (measured on
-    # version 1 of the demo's images, where the cosine was 0.91). Made zero-mean and unit-variance
-    # in each channel over the pretraining images, the target is what varies between patches and
+    # The tokens' residual stream shares one large direction (a token's cosine to the mean token is
+    # 0.85), so as a cosine target it is nearly constant: a projector that outputs that direction
+    # scores 0.95 within 100 steps and eq. (8) carries little. Made zero-mean and unit-variance in
+    # each channel over the pretraining images, the target is what varies between patches and
     # images (the mean cosine of two tokens: 0.73 before, 0.01 after).
     vit.eval().requires_grad_(False)
     with torch.no_grad():
@@ -334,12 +329,10 @@ def demo_judge(device="cpu"):
 # the paper's 0.5 (with the target standardized; see pretrain_simclr).
 DEMO = dict(model="T/2", enc_type=DEMO_ENCODER, projector_dim=256, batch_size=32, max_steps=1000,
             lr=2e-3, ema_decay=0.99, log_every=25, ckpt_every=500, latest_every=200,
-            sample_every=500, num_workers=0, exp_name="demo", align_every=250, align_images=500,
-            analyze_images=2000)
+            sample_every=500, num_workers=0, exp_name="demo", align_every=250, align_images=500)
 HELDOUT_SEED = 1  # alignment and FD_demo are measured on shapes of this seed (training's: 0)
-# Config's fields the demo sets itself: its data and target, and the other commands of repa.py
-NOT_FLAGS = ("data_dir", "resolution", "vae", "enc_type", "prepare", "shard_size", "bench_data",
-             "bench")
+# fields the demo sets itself (its data and target), or does not run (--bench)
+NOT_FLAGS = ("data_dir", "resolution", "vae", "enc_type", "bench")
 
 
 class DemoScore:
@@ -380,8 +373,7 @@ class DemoScore:
                 **self.align()}
 
 
-def train_demo(cfg):
-    """repa.train() on the shapes, aligned to the SimCLR ViT, measured by DemoScore."""
+def train_demo(cfg):  # the seam: the demo's data, target and measurements
     return repa.train(cfg, data=DemoDataset, encoders=demo_encoders, measure=DemoScore)
 
 
@@ -393,11 +385,8 @@ def metric_curves(folder):
     """{metric: (steps, values)} of the measurement rows of a run's metrics.jsonl. A run resumed
     from a checkpoint before its last measurement measures those steps again: the later row of
     a step stands."""
-    rows = {}
-    for line in open(os.path.join(folder, "metrics.jsonl")):
-        row = json.loads(line)
-        if "fd_demo" in row:  # not a loss row
-            rows[row["step"]] = row
+    rows = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+    rows = {row["step"]: row for row in rows if "fd_demo" in row}  # not the loss rows
     curves = {}
     for step in sorted(rows):
         for key, value in rows[step].items():
@@ -507,12 +496,11 @@ def progress(folder):
 
 
 def train_side_by_side(cfgs, threads):
-    """Train the runs at once, each in a child process with `threads` threads, on a CPU. A model
-    this small uses a second thread poorly: on a 2-core CPU each run of --compare trains side by
-    side at 63-74 images/s, one alone with both threads at about 75, so the pair takes 50-60% of
-    the time. The demo's encoder and judge are made first, once (not twice, racing). One progress
-    line shows both runs (their steps and images/s; the ETA of the slower). SIGINT and SIGTERM are
-    passed on to the children, which save and stop. Returns whether both finished."""
+    """Train the runs at once, each in a child process with `threads` threads, on a CPU (a model
+    this small uses a second thread poorly: on a 2-core CPU the pair trains in 50-60% of the time
+    of one after the other). The encoder and judge are made first, once (not twice, racing). One
+    progress line shows both runs; SIGINT and SIGTERM are passed on to the children, which save
+    and stop. Returns whether both finished."""
     demo_encoders(), demo_judge()
     context = torch.multiprocessing.get_context("spawn")
     children = [context.Process(target=train_in_child, args=(c, threads)) for c in cfgs]
@@ -614,34 +602,46 @@ def demo_compare(cfg):
 #################################################################################
 
 def parse_args(argv=None):
-    """(Config, compare) from the command line: the demo's own flags, then repa.py's training
-    flags with the demo's defaults (DEMO). Checked here, before anything slow."""
-    parser = argparse.ArgumentParser(
-        description="REPA on a laptop: procedural shapes, a SimCLR target, a judge (see the "
-        "docstring of tools/demo.py).", allow_abbrev=False)
+    """(Config, compare, AnalyzeConfig or None) from the command line: the demo's own flags, then
+    repa.py's training flags and tools/analyze.py's with the demo's defaults. Checked here, before
+    anything slow."""
+    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
+                                     allow_abbrev=False)
     parser.add_argument("--compare", action="store_true", help="train vanilla (lambda 0) and "
                         "REPA with the same seed, side by side; write compare.md and compare.png")
+    parser.add_argument("--analyze", default="", metavar="CKPT", help="instead of training, "
+                        "measure a checkpoint or run folder on held-out shapes (fig. 2)")
     training = parser.add_argument_group("training", "repa.py's flags, with the demo's defaults")
     repa.add_flags(training, repa.Config, defaults=DEMO, skip=NOT_FLAGS)
+    measuring = parser.add_argument_group("--analyze", "tools/analyze.py's flags")
+    shared = [f.name for f in fields(repa.Config)]
+    repa.add_flags(measuring, analyze.AnalyzeConfig, defaults={"analyze_images": 2000},
+                   skip=["ckpt", *NOT_FLAGS, *shared])
     args = vars(parser.parse_args(argv))
-    compare = args.pop("compare")
+    compare, ckpt = args.pop("compare"), args.pop("analyze")
+    measured = {k: args.pop(k) for k in list(args) if k not in shared}
     cfg = repa.Config(**{**DEMO, **args})
+    measure = analyze.AnalyzeConfig(ckpt=ckpt, enc_type=DEMO_ENCODER, **measured, **{
+        k: getattr(cfg, k) for k in ("knn", "batch_size", "seed", "results_dir", "exp_name")})
     try:
         if compare and not (cfg.proj_coeff > 0 and 0 < cfg.align_every <= cfg.max_steps):
             raise UserError("--compare trains with and without REPA and measures both: it needs "
                             "a --proj-coeff above 0 and an --align-every from 1 to --max-steps")
-        repa.check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)), named_encoders=False)
+        if ckpt:
+            analyze.check(measure, named_encoders=False)
+        else:
+            repa.check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)), named_encoders=False)
     except UserError as e:  # one line, without argparse's usage block
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    return cfg, compare
+    return cfg, compare, measure if ckpt else None
 
 
 def main(argv=None):
-    cfg, compare = parse_args(argv)
-    heldout = lambda: DemoDataset(cfg.analyze_images, seed=HELDOUT_SEED)
+    cfg, compare, measure = parse_args(argv)
+    heldout = lambda: DemoDataset(measure.analyze_images, seed=HELDOUT_SEED)
     repa.run_command(lambda: demo_compare(cfg) if compare else
-                     repa.analyze_checkpoint(cfg, heldout, demo_encoders) if cfg.analyze else
+                     analyze.analyze_checkpoint(measure, heldout, demo_encoders) if measure else
                      train_demo(cfg))
 
 

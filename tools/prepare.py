@@ -21,10 +21,22 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 import repa  # noqa: E402
 from repa import atomic_write, barrier, print0  # noqa: E402
+
+
+@torch.no_grad()
+def vae_moments(vae, images, batch_size, device):
+    """uint8 images -> the posterior mean and std of the SD-VAE, float32 (N, 8, R/8, R/8)."""
+    moments = []
+    for batch in torch.from_numpy(images).split(batch_size):
+        posterior = vae.encode(batch.to(device).float() / 127.5 - 1).latent_dist
+        moments.append(torch.cat([posterior.mean, posterior.std], dim=1).float().cpu())
+    latent = images.shape[-1] // repa.VAE_DOWNSAMPLE
+    return torch.cat(moments).numpy() if moments else np.zeros((0, 8, latent, latent), np.float32)
 
 
 def shard_name(k):
@@ -93,7 +105,7 @@ def prepare(src, out, resolution=256, vae_name="stabilityai/sd-vae-ft-mse", shar
                unit="img")
     for k in todo:
         images, keep, failed = repa.read_images([paths[i] for i in chunks[k]], resolution, bar)
-        moments = repa.vae_moments(vae, images, batch_size, device)
+        moments = vae_moments(vae, images, batch_size, device)
         write_shard(out, k, images, moments, np.asarray([labels[chunks[k][i]] for i in keep],
                                                         np.int64), failed)
     bar.close()

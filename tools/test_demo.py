@@ -202,9 +202,14 @@ def test_help_lists_the_demos_flags_then_trainings_with_the_demos_defaults(capsy
     assert "--compare" in own and "--lr" not in own
     assert "--lr LR AdamW, constant, no warm-up (default 0.002)" in training
     assert "--data-dir" not in training and "--enc-type" not in training  # the demo's own
-    cfg, compare = demo.parse_args(["--max-steps", "7"])
-    assert not compare and cfg.max_steps == 7 and cfg.batch_size == demo.DEMO["batch_size"]
+    cfg, compare, measure = demo.parse_args(["--max-steps", "7"])
+    assert not compare and measure is None
+    assert cfg.max_steps == 7 and cfg.batch_size == demo.DEMO["batch_size"]
     assert cfg.enc_type == demo.DEMO_ENCODER  # recorded in config.json and checkpoints
+    # --analyze: tools/analyze.py's flags, with the demo's target and its shared training flags
+    _, _, measure = demo.parse_args(["--analyze", "x.pt", "--seed", "3", "--probe-lr", "0.1"])
+    assert (measure.ckpt, measure.seed, measure.probe_lr) == ("x.pt", 3, 0.1)
+    assert measure.enc_type == demo.DEMO_ENCODER and measure.analyze_images == 2000
 
 
 @pytest.mark.parametrize("flags,message", [
