@@ -1012,63 +1012,9 @@ def load_vae(name="stabilityai/sd-vae-ft-mse", device="cpu"):
     return vae.to(device).eval().requires_grad_(False)
 
 
-def center_crop_adm(image, size):
-    """ADM's centre crop (guided-diffusion, image_datasets.py), used by the official preprocessing:
-    halve with a box filter while the short side is >= 2 * size (cheap antialiasing), resize the
-    short side to `size` with bicubic, then crop the centre. PIL image -> uint8 (size, size, 3)."""
-    from PIL import Image
-    while min(image.size) >= 2 * size:
-        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
-    arr = np.asarray(image)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top:top + size, left:left + size]
-
-
-def list_image_folder(src):
-    """(paths, labels, classes) of an ImageNet-style folder: one sub-folder per class, sorted, so
-    the labels are 0..999 in the usual synset order."""
-    from PIL import Image
-    if not os.path.isdir(src):
-        raise UserError(f"source folder not found: {src}")
-    classes = sorted(d.name for d in os.scandir(src) if d.is_dir())
-    if not classes:
-        raise UserError(f"no class folders in {src}: expected one sub-folder per class")
-    extensions = {e for e, f in Image.registered_extensions().items() if f in Image.OPEN}
-    paths, labels, empty = [], [], []
-    for label, name in enumerate(classes):
-        files = sorted(f.path for f in os.scandir(os.path.join(src, name))
-                       if f.is_file() and os.path.splitext(f.name)[1].lower() in extensions)
-        empty += [] if files else [name]
-        paths += files
-        labels += [label] * len(files)
-    if empty:
-        raise UserError(f"{len(empty)} class folder(s) in {src} hold no images (e.g. {empty[0]}): "
-                        "remove them or add images, or the labels would shift")
-    return paths, labels, classes
-
-
 # The prepared dataset (tools/prepare.py writes it; its docstring gives the layout) is a folder of
 # shards, each a folder of three .npy arrays that training memory-maps: images (N, 3, R, R) uint8,
 # moments (N, 8, R/8, R/8) float32 (the VAE posterior mean and std), labels (N,) int64.
-
-def read_images(paths, resolution, bar):
-    """(uint8 (N, 3, R, R) ADM crops, indices of the readable files, 'path: error' of the rest)."""
-    from PIL import Image
-    images, keep, failed = [], [], []
-    for i, path in enumerate(paths):
-        try:
-            with Image.open(path) as im:
-                images.append(center_crop_adm(im.convert("RGB"), resolution))
-            keep.append(i)
-        except Exception as e:  # truncated, corrupt, not an image: list it, go on
-            failed.append(f"{path}: {type(e).__name__}")
-        bar.update(1)
-    images = np.stack(images).transpose(0, 3, 1, 2) if images else \
-        np.zeros((0, 3, resolution, resolution), np.uint8)
-    return images, keep, failed
-
 
 def check_recipe(out, recipe):
     """A preparation resumes only as it began: shards made from another source or with another
@@ -1970,16 +1916,16 @@ def parse_args(argv=None):
 def in_words(error):
     """The line for an error of the input: a UserError's own, or a file where a folder must be
     (--results-dir, --data-dir, --sample-dir naming a file, or a file on the way to them)."""
-    return error if isinstance(error, UserError) else \
-        f"a file is where a folder must be: {error.filename}"
+    return f"a file is where a folder must be: {error.filename}" if isinstance(error, OSError) \
+        else error
 
 
-def run_command(work):
-    """work() as a command (repa.py's, or a tool's): bad input is one clear line and exit code 2;
-    the process group ends either way."""
+def run_command(work, errors=()):
+    """work() as a command (repa.py's, or a tool's): bad input (a UserError, or a tool's own
+    `errors`) is one clear line and exit code 2; the process group ends either way."""
     try:
         work()
-    except (UserError, FileExistsError, NotADirectoryError) as e:
+    except (UserError, FileExistsError, NotADirectoryError, *errors) as e:
         rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
         print(f"error: {rank}{in_words(e)}", file=sys.stderr)
         sys.exit(2)

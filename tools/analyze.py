@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 import prepare  # noqa: E402  (the SD-VAE's moments of an image folder)
+import evaluate  # noqa: E402  (ADM's crop and the folder walk)
 import repa  # noqa: E402
 import sample  # noqa: E402
 from repa import UserError, atomic_write, barrier, print0  # noqa: E402
@@ -90,7 +91,7 @@ class ImageFolderData(torch.utils.data.Dataset):
     latent_scale = repa.LATENT_SCALE
 
     def __init__(self, src, resolution, vae_name, device):
-        paths, labels, classes = repa.list_image_folder(src)
+        paths, labels, classes = evaluate.list_image_folder(src)
         self.paths, self.labels, self.num_classes = paths, np.asarray(labels), len(classes)
         self.resolution, self.device = resolution, device
         self.vae = repa.load_vae(vae_name, device)
@@ -99,8 +100,8 @@ class ImageFolderData(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitems__(self, indices):
-        images, _, failed = repa.read_images([self.paths[i] for i in indices], self.resolution,
-                                             tqdm(disable=True))
+        images, _, failed = evaluate.read_images([self.paths[i] for i in indices],
+                                                 self.resolution, tqdm(disable=True))
         if failed:  # a measurement over other images than asked for would mislead
             raise UserError(f"cannot read {failed[0]}")
         moments = prepare.vae_moments(self.vae, images, len(images), self.device)
@@ -289,7 +290,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     cfg = parse_args(argv)
-    repa.run_command(lambda: analyze_checkpoint(cfg))
+    repa.run_command(lambda: analyze_checkpoint(cfg), [evaluate.UserError])
 
 
 if __name__ == "__main__":

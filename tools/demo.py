@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 import analyze  # noqa: E402
+import evaluate  # noqa: E402
 import repa  # noqa: E402
 import sample  # noqa: E402
 from repa import UserError, atomic_write, barrier, fit, print0  # noqa: E402
@@ -338,7 +339,7 @@ NOT_FLAGS = ("data_dir", "resolution", "vae", "enc_type", "bench")
 class DemoScore:
     """The demo's --align-every adds the judge's verdict on samples of the EMA (as FID and the
     paper's samples judge a real run): FD_demo, the Fréchet distance between the judge's features
-    of the samples and of the held-out images (sample.py's FID code), and the share of samples the
+    of the samples and of the held-out images (tools/evaluate.py's), and the share of samples the
     judge puts in the class they were drawn for. The samples: as many as the held-out images, the
     classes in turn, the same noise all run, Heun's ODE in 6 steps (11 evaluations), no guidance
     (the paper's headline FID at 400K steps is without guidance)."""
@@ -351,7 +352,7 @@ class DemoScore:
         print0(f"the demo's judge: accuracy {info['accuracy']:.3f} on held-out shapes")
         with torch.no_grad():
             real = self.judge.features(heldout.images.to(run.device)).cpu()
-            self.real = sample.gaussian_statistics(real)
+            self.real = evaluate.gaussian_statistics(real)
         g = torch.Generator().manual_seed(run.cfg.seed + 1)
         shape, classes = self.align.x.shape, run.model.num_classes
         self.sample_labels = (torch.arange(shape[0]) % classes).to(run.device)
@@ -367,7 +368,7 @@ class DemoScore:
                 self.sample_noise.split(chunk), self.sample_labels.split(chunk))])
         images = sample.to_uint8(x).permute(0, 3, 1, 2).to(run.device)  # as saved
         feats = self.judge.features(images)
-        fd = sample.frechet_distance(*sample.gaussian_statistics(feats.cpu()), *self.real)
+        fd = evaluate.frechet_distance(*evaluate.gaussian_statistics(feats.cpu()), *self.real)
         correct = (self.judge.classify(feats).argmax(1) == self.sample_labels).float().mean()
         return {"fd_demo": round(float(fd), 3), "class_acc": round(correct.item(), 4),
                 **self.align()}
@@ -642,7 +643,7 @@ def main(argv=None):
     heldout = lambda: DemoDataset(measure.analyze_images, seed=HELDOUT_SEED)
     repa.run_command(lambda: demo_compare(cfg) if compare else
                      analyze.analyze_checkpoint(measure, heldout, demo_encoders) if measure else
-                     train_demo(cfg))
+                     train_demo(cfg), [evaluate.UserError])
 
 
 if __name__ == "__main__":

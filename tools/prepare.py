@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+import evaluate  # noqa: E402  (ADM's crop and the folder walk)
 import repa  # noqa: E402
 from repa import atomic_write, barrier, print0  # noqa: E402
 
@@ -80,7 +81,7 @@ def prepare(src, out, resolution=256, vae_name="stabilityai/sd-vae-ft-mse", shar
     folder is left as it is."""
     from tqdm import tqdm
     rank, world, device = repa.setup_distributed()
-    paths, labels, classes = repa.list_image_folder(src)
+    paths, labels, classes = evaluate.list_image_folder(src)
     recipe = dict(source=os.path.abspath(src), files=len(paths), resolution=resolution,
                   vae=vae_name, shard_size=shard_size)
     repa.check_recipe(out, recipe)  # read only, on every rank: all fail alike
@@ -104,7 +105,7 @@ def prepare(src, out, resolution=256, vae_name="stabilityai/sd-vae-ft-mse", shar
     bar = tqdm(total=sum(len(chunks[k]) for k in todo), disable=rank != 0, desc="prepare",
                unit="img")
     for k in todo:
-        images, keep, failed = repa.read_images([paths[i] for i in chunks[k]], resolution, bar)
+        images, keep, failed = evaluate.read_images([paths[i] for i in chunks[k]], resolution, bar)
         moments = vae_moments(vae, images, batch_size, device)
         write_shard(out, k, images, moments, np.asarray([labels[chunks[k][i]] for i in keep],
                                                         np.int64), failed)
@@ -180,7 +181,8 @@ def parse_args(argv=None):
 def main(argv=None):
     src, cfg = parse_args(argv)
     repa.run_command(lambda: benchmark_reader(cfg) if cfg.bench_data else prepare(
-        src, cfg.data_dir, cfg.resolution, cfg.vae, cfg.shard_size, cfg.batch_size))
+        src, cfg.data_dir, cfg.resolution, cfg.vae, cfg.shard_size, cfg.batch_size),
+        [evaluate.UserError])
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ import torch
 
 import prepare
 import repa
-from test_repa import HERE, adm_center_crop, image_folder, tiny_vae
+from test_evaluate import adm_center_crop
+from test_repa import HERE, image_folder, tiny_vae
 
 
 def run_prepare(*args, env=None, timeout=300):
