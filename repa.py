@@ -1680,7 +1680,112 @@ class Logger:
             self.wandb.finish()
 
 
+#################################################################################
+#       Samples for the grids: guidance, the preview samplers, the PNG grid       #
+#################################################################################
+# The default grid: DiT's and REPA's showcase ImageNet classes (golden retriever, otter, red panda,
+# geyser, macaw, valley, balloon, arctic fox). Models with fewer classes show their first 8.
+GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
 GRID_CFG = 4.0  # the grids' guidance scale, the official trainer's
+
+
+def guidance_scale(cfg_scale, t, guidance_low, guidance_high):
+    """The CFG scale at time t: cfg_scale inside [guidance_low, guidance_high], else 1 (none).
+    Inclusive on both ends, compared in float64: with 5 ODE steps t = 0.2 exactly, so an interval
+    starting at 0.2 guides the last step (as the official code does)."""
+    return cfg_scale if guidance_low <= t <= guidance_high else 1.0
+
+
+def guided(model, x, t, y, cfg_scale, dtype, mixed_channels=None):
+    """model(x, t, y)[0] as `dtype`; with cfg_scale > 1, classifier-free guidance
+    out = uncond + cfg_scale (cond - uncond) on the first `mixed_channels` channels (all by
+    default; DiT's eps), the others (DiT's variance value) being the conditional half's.
+
+    This is the only place where guidance happens. One batched call: the conditional half first,
+    then the same x with the null label (row `num_classes` of the label table, learned through
+    label dropout in training; the official code hard-codes 1000, the same for ImageNet)."""
+    if cfg_scale <= 1:
+        return model(x, t, y)[0].to(dtype)
+    null = torch.full_like(y, model.num_classes)
+    cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))[0].to(
+        dtype).chunk(2)
+    k = mixed_channels or cond.shape[1]
+    return torch.cat([uncond[:, :k] + cfg_scale * (cond[:, :k] - uncond[:, :k]), cond[:, k:]], 1)
+
+
+@torch.no_grad()
+def sample_euler(model, z, y, num_steps=50, cfg_scale=1.0):
+    """The grids' sampler for a SiT, the official trainer's: Euler steps of dx = v dt from noise z
+    (t = 1) to data (t = 0) on linspace(1, 0, N + 1), guided on every step; float64 state, the model
+    called in z's dtype. sample.py's ODE and SDE solvers (Heun, guidance interval) build on guided
+    too; with heun off and the interval [0, 1], its ODE takes these very steps."""
+    ts = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist()
+    x = z.to(torch.float64)
+    for t_cur, t_next in zip(ts[:-1], ts[1:]):
+        t = torch.full((x.shape[0],), t_cur, dtype=z.dtype, device=x.device)
+        x = x + (t_next - t_cur) * guided(model, x.to(z.dtype), t, y, cfg_scale, torch.float64)
+    return x
+
+
+@torch.no_grad()
+def sample_ddpm(model, z, y, num_steps=250, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
+                generator=None):
+    """DiT's sampler (its sample_ddp.py, for FID): ancestral steps x <- mean + sigma noise of the
+    model's p(x_{k-1} | x_k) down the chain respaced to `num_steps` (ddpm_schedule), from
+    noise z to data; returns z's dtype (float32, like the official: no float64 state here).
+
+    Each step calls the model with the ORIGINAL timestep k (int64), then draws the step's noise
+    (torch.randn_like, or `generator`); the last step's draw is masked, so there are num_steps
+    draws. Guidance is on while k / 1000 (its t, 0 = data) is in [guidance_low, guidance_high]."""
+    sched = ddpm_schedule(num_steps, z.device)
+    x = z
+    for i, k in reversed(list(enumerate(space_timesteps(num_steps)))):
+        t = torch.full((x.shape[0],), i, device=x.device)  # the step of the respaced tables
+        scale = guidance_scale(cfg_scale, k / DDPM_STEPS, guidance_low, guidance_high)
+        out = guided(model, x, torch.full_like(t, k), y, scale, x.dtype, x.shape[1])
+        mean, log_var, _ = ddpm_model_gaussian(sched, x, t, *out.chunk(2, dim=1))
+        noise = torch.randn_like(x) if generator is None else torch.randn(
+            x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        x = mean + float(i > 0) * torch.exp(0.5 * log_var) * noise  # no noise into x_0
+    return x
+
+
+def to_uint8(x):
+    """Images in [-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3) on the CPU, as the official
+    generate.py: clamp(255 (x + 1) / 2, 0, 255), then a cast that truncates rather than rounds.
+    The FID numbers were computed on these bytes, so we keep the truncation."""
+    return torch.clamp(255.0 * ((x + 1) / 2), 0, 255).permute(0, 2, 3, 1).to("cpu", torch.uint8)
+
+
+def decode(x, vae):
+    """Solver output (float64) -> uint8 images. Latent models go through the SD-VAE: z / 0.18215
+    undoes the scaling applied in training (bias 0). Pixel-space models have no VAE."""
+    x = x.to(torch.float32)
+    if vae is not None:
+        # divide by a tensor, as the official code does: CUDA divides by a Python scalar as a
+        # multiplication by its reciprocal, which can differ in the last bit
+        x = vae.decode(x / torch.full((1,), LATENT_SCALE, device=x.device)).sample
+    return to_uint8(x)
+
+
+def save_grid(images, names, path):
+    """uint8 (rows * cols, H, W, 3), one class per row -> a PNG with the class name (or id) left
+    of each row. Small images (a 16 px demo) are enlarged without smoothing so a person can see
+    them."""
+    from PIL import Image, ImageDraw
+    rows = len(names)
+    cols, h, w = len(images) // rows, images.shape[1], images.shape[2]
+    zoom = max(1, 64 // h)
+    h, w, pad, margin = h * zoom, w * zoom, 2, 56
+    grid = Image.new("RGB", (margin + cols * (w + pad), rows * (h + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, name in enumerate(names):
+        draw.text((4, r * (h + pad) + h // 2 - 6), str(name), fill="black")
+        for j in range(cols):
+            tile = Image.fromarray(images[r * cols + j].numpy()).resize((w, h), Image.NEAREST)
+            grid.paste(tile, (margin + j * (w + pad), r * (h + pad)))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda f: grid.save(f, format="PNG"))
 
 
 class Grids:
@@ -1690,11 +1795,9 @@ class Grids:
     steps, whose noise is seeded too. Latent runs are decoded with the VAE that made the latents."""
 
     def __init__(self, run, per_class=4, num_steps=50, cfg_scale=GRID_CFG):
-        import sample  # the samplers; a lazy import, since sample.py imports this file
-        self.run, self.sample = run, sample
-        model = run.model
+        self.run, self.num_steps, model = run, num_steps, run.model
         names = getattr(run.dataset, "class_names", None)
-        self.classes = (sample.GRID_CLASSES if model.num_classes == NUM_CLASSES else
+        self.classes = (GRID_CLASSES if model.num_classes == NUM_CLASSES else
                         list(range(min(10, model.num_classes))))
         self.names = [names[c] for c in self.classes] if names else self.classes
         self.labels = torch.tensor(self.classes).repeat_interleave(per_class).to(run.device)
@@ -1703,20 +1806,22 @@ class Grids:
         self.noise = torch.randn(len(self.labels), model.in_channels, size, size,
                                  generator=g).to(run.device)
         has_null = model.y_embedder.embedding_table.num_embeddings > model.num_classes
-        self.solver = sample.Solver("ddpm" if model.learn_sigma else "ode", num_steps,
-                                    cfg_scale=cfg_scale if has_null else 1.0, guidance_high=1.0,
-                                    path_type=run.cfg.path_type)
+        self.cfg_scale = cfg_scale if has_null else 1.0
         self.vae = None if model.in_channels == 3 else load_vae(
             json.load(open(os.path.join(run.cfg.data_dir, "manifest.json")))["vae"], run.device)
         os.makedirs(os.path.join(run.dir, "samples"), exist_ok=True)
 
     @torch.no_grad()
     def write(self):
-        run, sample = self.run, self.sample
-        generator = torch.Generator(run.device).manual_seed(run.cfg.seed)  # the DDPM's noise
-        x = self.solver(run.ema, self.noise, self.labels, generator)
+        run = self.run
+        if run.model.learn_sigma:  # a DiT: its ancestral sampler, with seeded noise
+            generator = torch.Generator(run.device).manual_seed(run.cfg.seed)
+            x = sample_ddpm(run.ema, self.noise, self.labels, self.num_steps, self.cfg_scale,
+                            generator=generator)
+        else:
+            x = sample_euler(run.ema, self.noise, self.labels, self.num_steps, self.cfg_scale)
         path = os.path.join(run.dir, "samples", f"{run.step:07d}.png")
-        sample.save_grid(sample.decode(x, self.vae), self.names, path)
+        save_grid(decode(x, self.vae), self.names, path)
         return path
 
 
@@ -1941,7 +2046,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # Run as the module `repa`, not `__main__`: sample.py (imported for the grids) imports repa,
-    # and must see these very classes and this UserError, not a second copy of the file.
-    import repa
-    repa.main()
+    main()

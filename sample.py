@@ -53,10 +53,9 @@ import torch
 import torch.distributed as dist  # set up by repa.setup_distributed (torchrun env)
 
 import repa
+# the guidance and the grids' pieces that training's preview grids use too live in repa.py
+from repa import GRID_CLASSES, decode, guidance_scale, guided, sample_ddpm, save_grid
 
-# The default grid: DiT's and REPA's showcase ImageNet classes (golden retriever, otter, red panda,
-# geyser, macaw, valley, balloon, arctic fox). Models with fewer classes show their first 8.
-GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
 VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 SDE_T_LAST = 0.04  # the SDE's last noisy time; from there one mean step goes to t = 0 (official)
 
@@ -64,30 +63,6 @@ SDE_T_LAST = 0.04  # the SDE's last noisy time; from there one mean step goes to
 #################################################################################
 #             Guidance (CFG and its interval), and the guided velocity          #
 #################################################################################
-
-def guidance_scale(cfg_scale, t, guidance_low, guidance_high):
-    """The CFG scale at time t: cfg_scale inside [guidance_low, guidance_high], else 1 (none).
-    Inclusive on both ends, compared in float64: with 5 ODE steps t = 0.2 exactly, so an interval
-    starting at 0.2 guides the last step (as the official code does)."""
-    return cfg_scale if guidance_low <= t <= guidance_high else 1.0
-
-
-def guided(model, x, t, y, cfg_scale, dtype, mixed_channels=None):
-    """model(x, t, y)[0] as `dtype`; with cfg_scale > 1, classifier-free guidance
-    out = uncond + cfg_scale (cond - uncond) on the first `mixed_channels` channels (all by
-    default; DiT's eps), the others (DiT's variance value) being the conditional half's.
-
-    This is the only place where guidance happens. One batched call: the conditional half first,
-    then the same x with the null label (row `num_classes` of the label table, learned through
-    label dropout in training; the official code hard-codes 1000, the same for ImageNet)."""
-    if cfg_scale <= 1:
-        return model(x, t, y)[0].to(dtype)
-    null = torch.full_like(y, model.num_classes)
-    cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))[0].to(
-        dtype).chunk(2)
-    k = mixed_channels or cond.shape[1]
-    return torch.cat([uncond[:, :k] + cfg_scale * (cond[:, :k] - uncond[:, :k]), cond[:, k:]], 1)
-
 
 def velocity(model, x, t, y, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
              dtype=torch.float32, guide_t=None):
@@ -182,29 +157,6 @@ def sample_sde(model, z, y, num_steps=50, heun=False, cfg_scale=1.0, guidance_lo
 #################################################################################
 #         DiT's sampler: ancestral steps of the improved DDPM (learned variance)  #
 #################################################################################
-
-@torch.no_grad()
-def sample_ddpm(model, z, y, num_steps=250, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
-                generator=None):
-    """DiT's sampler (its sample_ddp.py, for FID): ancestral steps x <- mean + sigma noise of the
-    model's p(x_{k-1} | x_k) down the chain respaced to `num_steps` (repa.ddpm_schedule), from
-    noise z to data; returns z's dtype (float32, like the official: no float64 state here).
-
-    Each step calls the model with the ORIGINAL timestep k (int64), then draws the step's noise
-    (torch.randn_like, or `generator`); the last step's draw is masked, so there are num_steps
-    draws. Guidance is on while k / 1000 (its t, 0 = data) is in [guidance_low, guidance_high]."""
-    sched = repa.ddpm_schedule(num_steps, z.device)
-    x = z
-    for i, k in reversed(list(enumerate(repa.space_timesteps(num_steps)))):
-        t = torch.full((x.shape[0],), i, device=x.device)  # the step of the respaced tables
-        scale = guidance_scale(cfg_scale, k / repa.DDPM_STEPS, guidance_low, guidance_high)
-        out = guided(model, x, torch.full_like(t, k), y, scale, x.dtype, x.shape[1])
-        mean, log_var, _ = repa.ddpm_model_gaussian(sched, x, t, *out.chunk(2, dim=1))
-        noise = torch.randn_like(x) if generator is None else torch.randn(
-            x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        x = mean + float(i > 0) * torch.exp(0.5 * log_var) * noise  # no noise into x_0
-    return x
-
 
 @dataclass(frozen=True)
 class Solver:
@@ -364,50 +316,12 @@ def load_checkpoint(path, device="cpu", use_ema=True, **overrides):
 #                    Images: decode, uint8, grid, FID folder                     #
 #################################################################################
 
-def to_uint8(x):
-    """Images in [-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3) on the CPU, as the official
-    generate.py: clamp(255 (x + 1) / 2, 0, 255), then a cast that truncates rather than rounds.
-    The FID numbers were computed on these bytes, so we keep the truncation."""
-    return torch.clamp(255.0 * ((x + 1) / 2), 0, 255).permute(0, 2, 3, 1).to("cpu", torch.uint8)
-
-
-def decode(x, vae):
-    """Solver output (float64) -> uint8 images. Latent models go through the SD-VAE: z / 0.18215
-    undoes the scaling applied in training (bias 0). Pixel-space (demo) models have no VAE."""
-    x = x.to(torch.float32)
-    if vae is not None:
-        # divide by a tensor, as the official code does: CUDA divides by a Python scalar as a
-        # multiplication by its reciprocal, which can differ in the last bit
-        x = vae.decode(x / torch.full((1,), repa.LATENT_SCALE, device=x.device)).sample
-    return to_uint8(x)
-
-
 def generate(model, vae, labels, generator, solver, input_size):
     """One batch: draw z from `generator`, solve, decode. Returns uint8 (B, H, W, 3). The SDE's
     noise comes from the same generator, so z and the noise are one stream."""
     z = torch.randn((len(labels), model.in_channels, input_size, input_size),
                     generator=generator, device=labels.device)
     return decode(solver(model, z, labels, generator), vae)
-
-
-def save_grid(images, names, path):
-    """uint8 (rows * cols, H, W, 3), one class per row -> a PNG with the class name (or id) left
-    of each row. Small images (a 16 px demo) are enlarged without smoothing so a person can see
-    them."""
-    from PIL import Image, ImageDraw
-    rows = len(names)
-    cols, h, w = len(images) // rows, images.shape[1], images.shape[2]
-    zoom = max(1, 64 // h)
-    h, w, pad, margin = h * zoom, w * zoom, 2, 56
-    grid = Image.new("RGB", (margin + cols * (w + pad), rows * (h + pad)), "white")
-    draw = ImageDraw.Draw(grid)
-    for r, name in enumerate(names):
-        draw.text((4, r * (h + pad) + h // 2 - 6), str(name), fill="black")
-        for j in range(cols):
-            tile = Image.fromarray(images[r * cols + j].numpy()).resize((w, h), Image.NEAREST)
-            grid.paste(tile, (margin + j * (w + pad), r * (h + pad)))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    repa.atomic_write(path, lambda f: grid.save(f, format="PNG"))
 
 
 def save_png(image, path):

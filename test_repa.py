@@ -1319,9 +1319,12 @@ def test_dit_trains_with_the_ddpm_loss_and_samples_with_ddpm(tmp_path, monkeypat
                                            "--results-dir", str(tmp_path)])[0])
     assert seen == [1, 1] and run.model_kwargs["learn_sigma"] and run.model.learn_sigma
     assert "DiT 2,001,272 parameters" in capsys.readouterr().out
-    monkeypatch.setattr(sample, "sample_ddpm", lambda *a: seen.append(a[3:]) or ddpm(*a))
+    record = lambda *a, **k: seen.append(a[3:] + tuple(k.values())) or ddpm(*a, **k)
+    monkeypatch.setattr(repa, "sample_ddpm", record)
     assert os.path.isfile(repa.Grids(run, per_class=1, num_steps=3).write())
-    assert seen[-1][:4] == (3, 4.0, 0.0, 1.0) and seen[-1][4] is not None  # seeded noise
+    # guided on every step (the default interval [0, 1]) at the grids' CFG 4, with seeded noise
+    assert seen[-1][:2] == (3, 4.0) and isinstance(seen[-1][2], torch.Generator)
+    monkeypatch.setattr(sample, "sample_ddpm", record)
     sample.main(["--ckpt", str(tmp_path / "demo"), "--num-steps", "3", "--per-class", "1",
                  "--sample-dir", str(tmp_path)])
     assert seen[-1][:4] == (3, 1.8, 0.0, 1.0)
@@ -2057,3 +2060,32 @@ def test_dit_features_are_taken_on_its_ddpm_chain():
     hidden = model(x_t, k, torch.full((2,), 10), return_hidden=True)[-1]
     assert feats.shape == (2, 6, 128)
     torch.testing.assert_close(feats[:, -1], hidden[-1].mean(1), rtol=1e-5, atol=1e-6)
+
+
+def test_imports_go_one_way():
+    # repa.py imports no file of the project (so it reads, runs and pastes alone); sample.py
+    # imports repa, and tools/evaluate.py (which imports nothing of the project) for FID; no
+    # tool is imported but by a tool or a test. Read from the source, so a lazy import counts.
+    import ast
+    tools = {f[:-3] for f in os.listdir(os.path.join(HERE, "tools")) if f.endswith(".py")}
+    ours = {"repa", "sample"} | tools
+
+    def imported(path):
+        names = set()
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names.add(node.module.split(".")[0])
+        return names & ours
+    assert imported(os.path.join(HERE, "repa.py")) == set()
+    assert imported(os.path.join(HERE, "sample.py")) == {"repa", "evaluate"}
+    assert imported(os.path.join(HERE, "tools", "evaluate.py")) == set()
+    for tool in tools - {"evaluate"}:
+        assert "repa" in imported(os.path.join(HERE, "tools", f"{tool}.py")) or \
+            tool.startswith("test_"), tool
+    # and at run time: importing repa loads no other file of the project
+    code = "import sys, repa; print(sorted(m for m in sys.modules if m in %r))" % sorted(ours)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE)
+    assert out.stdout.strip() == "['repa']", out.stderr[-2000:]
+

@@ -366,7 +366,7 @@ class DemoScore:
         with self.align.autocast:
             x = torch.cat([self.solver(run.ema, z, y) for z, y in zip(
                 self.sample_noise.split(chunk), self.sample_labels.split(chunk))])
-        images = sample.to_uint8(x).permute(0, 3, 1, 2).to(run.device)  # as saved
+        images = repa.to_uint8(x).permute(0, 3, 1, 2).to(run.device)  # as saved
         feats = self.judge.features(images)
         fd = evaluate.frechet_distance(*evaluate.gaussian_statistics(feats.cpu()), *self.real)
         correct = (self.judge.classify(feats).argmax(1) == self.sample_labels).float().mean()
