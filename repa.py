@@ -1770,7 +1770,7 @@ def decode(x, vae):
 
 def save_grid(images, names, path):
     """uint8 (rows * cols, H, W, 3), one class per row -> a PNG with the class name (or id) left
-    of each row. Small images (a 16 px demo) are enlarged without smoothing so a person can see
+    of each row. Small images (16 px) are enlarged without smoothing so a person can see
     them."""
     from PIL import Image, ImageDraw
     rows = len(names)
