@@ -269,9 +269,9 @@ def demo_encoders(device="cpu"):
         return vit, {"steps": DEMO_ENCODER_STEPS, "probe": round(probe, 4)}
     vit = demo_vit()
     cache_once(DEMO_ENCODER + ".pt", make, vit, every_rank=True)
-    mean, std = repa._channels((0, 0, 0), (1, 1, 1), device)
+    zero, one = torch.zeros(1, 3, 1, 1, device=device), torch.ones(1, 3, 1, 1, device=device)
     return [repa.Encoder(DEMO_ENCODER, vit.to(device).eval().requires_grad_(False),
-                         DemoDataset.resolution, DEMO_PATCH, mean, std, vit.embed_dim, 0)]
+                         DemoDataset.resolution, DEMO_PATCH, zero, one, vit.embed_dim, 0)]
 
 
 class DemoJudge(nn.Module):
@@ -347,14 +347,15 @@ class DemoScore:
     def __init__(self, run, num_steps=6):
         # alignment is measured on shapes the run never trains on
         heldout = DemoDataset(run.cfg.align_images, seed=HELDOUT_SEED)
-        self.run, self.align = run, repa.AlignmentLog(run, heldout)
+        self.run, self.align = run, repa.alignment_log(run, heldout)
         self.judge, info = demo_judge(run.device)
         print0(f"the demo's judge: accuracy {info['accuracy']:.3f} on held-out shapes")
         with torch.no_grad():
             real = self.judge.features(heldout.images.to(run.device)).cpu()
             self.real = evaluate.gaussian_statistics(real)
         g = torch.Generator().manual_seed(run.cfg.seed + 1)
-        shape, classes = self.align.x.shape, run.model.num_classes
+        size, classes = run.model_kwargs["input_size"], run.model.num_classes
+        shape = (len(heldout), run.model.in_channels, size, size)
         self.sample_labels = (torch.arange(shape[0]) % classes).to(run.device)
         self.sample_noise = torch.randn(shape, generator=g).to(run.device)
         self.solver = sample.Solver("ode", num_steps, heun=True, cfg_scale=1.0,
@@ -362,8 +363,8 @@ class DemoScore:
 
     @torch.no_grad()
     def __call__(self):
-        run, chunk = self.run, self.align.chunk * 4
-        with self.align.autocast:
+        run, chunk = self.run, max(1, self.run.cfg.batch_size // self.run.world) * 4
+        with torch.autocast(run.device.type, torch.bfloat16, enabled=run.precision == "bf16"):
             x = torch.cat([self.solver(run.ema, z, y) for z, y in zip(
                 self.sample_noise.split(chunk), self.sample_labels.split(chunk))])
         images = repa.to_uint8(x).permute(0, 3, 1, 2).to(run.device)  # as saved
@@ -511,12 +512,12 @@ def train_side_by_side(cfgs, threads):
     total = cfgs[0].max_steps
     bar = tqdm(total=total, initial=min(progress(f)[0] for f in folders), unit="step",
                bar_format="{desc} | {elapsed} elapsed, ETA {remaining}", dynamic_ncols=True)
-    with repa.StopSignal() as stop:
+    with repa.stop_signal() as stop:
         for child in children:
             child.start()
         passed_on = False
         while any(child.is_alive() for child in children):
-            if stop and not passed_on:
+            if stop() and not passed_on:
                 for child in children:
                     if child.is_alive():
                         os.kill(child.pid, signal.SIGTERM)

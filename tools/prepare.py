@@ -30,6 +30,22 @@ from repa import atomic_write, barrier, print0  # noqa: E402
 
 
 @torch.no_grad()
+def check_recipe(out, recipe):
+    """A preparation resumes only as it began: shards made from another source or with another
+    size, resolution or VAE (or by its --bench-data) are refused, never mixed with new ones."""
+    path = os.path.join(out, "prepare.json")
+    if os.path.isfile(path):
+        stored = json.load(open(path))
+        changed = [f"{k} {stored.get(k)} -> {v}" for k, v in recipe.items() if stored.get(k) != v]
+        if changed:
+            raise repa.UserError(f"{out} was prepared otherwise ({'; '.join(changed)}): use "
+                                 f"another --data-dir, or the flags it was begun with")
+    elif os.path.isdir(out) and any(n.startswith("shard-") or n == "manifest.json"
+                                    for n in os.listdir(out)):
+        raise repa.UserError(f"{out} holds shards that no tools/prepare.py began (no "
+                             f"prepare.json): use an empty --data-dir")
+
+
 def vae_moments(vae, images, batch_size, device):
     """uint8 images -> the posterior mean and std of the SD-VAE, float32 (N, 8, R/8, R/8)."""
     moments = []
@@ -84,7 +100,7 @@ def prepare(src, out, resolution=256, vae_name="stabilityai/sd-vae-ft-mse", shar
     paths, labels, classes = evaluate.list_image_folder(src)
     recipe = dict(source=os.path.abspath(src), files=len(paths), resolution=resolution,
                   vae=vae_name, shard_size=shard_size)
-    repa.check_recipe(out, recipe)  # read only, on every rank: all fail alike
+    check_recipe(out, recipe)  # read only, on every rank: all fail alike
     chunks = [range(i, min(i + shard_size, len(paths))) for i in range(0, len(paths), shard_size)]
     # every rank lists the same missing shards and takes every world-th: balanced after a resume
     missing = [k for k in range(len(chunks)) if not os.path.isdir(os.path.join(out, shard_name(k)))]
