@@ -44,7 +44,6 @@ sampler (facebookresearch/DiT) to the bit on a CPU; see test_repa.py for the gol
 import argparse
 import math
 import os
-import re
 import sys
 from dataclasses import dataclass
 
@@ -61,21 +60,15 @@ SDE_T_LAST = 0.04  # the SDE's last noisy time; from there one mean step goes to
 
 
 #################################################################################
-#             Guidance (CFG and its interval), and the guided velocity          #
+#          Solvers: ODE (Euler, Heun) and SDE (Euler-Maruyama), with CFG         #
 #################################################################################
 
 def velocity(model, x, t, y, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
              dtype=torch.float32, guide_t=None):
-    """v(x, t | y) in float64, with classifier-free guidance while t is in the guidance interval.
-
-    x is the float64 solver state (B, C, H, W); t a float64 Python float. The model sees x and t
-    cast to `dtype` (the latents' dtype, as in the official samplers: float32 t, not float64) and
-    t broadcast to the batch. `guide_t` is the time at which guidance is decided (default t):
-    the official Heun corrector decides at the step's start t_cur, not at the t_next it evaluates.
-
-    The official SDE guides the drift rather than v, but the drift is affine in v at fixed (x, t),
-    d = a v + b x, and an affine map commutes with u + w (c - u) (its weights 1 - w and w sum to
-    1): guiding v gives the same drift."""
+    """v(x, t | y) in float64 for the float64 state x, guided while `guide_t` (default t) is in
+    the guidance interval. The model sees x and t in `dtype`, the latents' (float32 t, as the
+    official samplers). The official SDE guides its drift, which is affine in v at fixed (x, t);
+    an affine map commutes with u + w (c - u) (weights 1 - w and w), so guiding v is the same."""
     scale = guidance_scale(cfg_scale, t if guide_t is None else guide_t, guidance_low,
                            guidance_high)
     t_batch = torch.full((x.shape[0],), t, dtype=dtype, device=x.device)
@@ -94,75 +87,52 @@ def score(v, x, t, path_type="linear"):
     return (ratio * v - x) / (sigma ** 2 - ratio * d_sigma * sigma)
 
 
-#################################################################################
-#                    Solvers: ODE (Euler, Heun) and SDE (Euler-Maruyama)         #
-#################################################################################
-
 @torch.no_grad()
 def sample_ode(model, z, y, num_steps=50, heun=False, cfg_scale=1.0, guidance_low=0.0,
                guidance_high=1.0, path_type="linear"):
     """Integrate dx = v dt from noise z (t = 1) to data (t = 0); returns float64 (B, C, H, W).
-
-    path_type is not needed: the ODE only follows v, which the model gives for its own path
-    (the official sampler ignores it too); it is checked and accepted so both solvers share one
-    signature. The state stays float64 throughout, so 250 small steps add no rounding drift."""
-    repa.interpolant(torch.zeros(()), path_type)  # an unknown path is an error, not ignored
+    The ODE follows the model's own v, so path_type goes unused (as in the official sampler). The
+    state stays float64, so 250 small steps add no rounding drift."""
     v = lambda x, t, **kw: velocity(model, x, t, y, cfg_scale, guidance_low, guidance_high,
                                     z.dtype, **kw)
     ts = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist()
     x = z.to(torch.float64)
     for i, (t_cur, t_next) in enumerate(zip(ts[:-1], ts[1:])):
         d = v(x, t_cur)
-        x_next = x + (t_next - t_cur) * d                        # Euler predictor
         if heun and i < num_steps - 1:
-            # trapezoid rule: average the slopes at both ends (second order). The last step
-            # would evaluate v at t = 0 exactly, so it stays Euler. Guidance of the corrector
-            # is decided at t_cur (official), so the two slopes always agree on being guided.
-            d_next = v(x_next, t_next, guide_t=t_cur)
-            x_next = x + (t_next - t_cur) * (0.5 * d + 0.5 * d_next)
-        x = x_next
+            # trapezoid rule after an Euler predictor (second order); the last step, which would
+            # evaluate v at t = 0, stays Euler. The corrector's guidance is decided at t_cur
+            # (official), so both slopes agree on being guided.
+            d = 0.5 * d + 0.5 * v(x + (t_next - t_cur) * d, t_next, guide_t=t_cur)
+        x = x + (t_next - t_cur) * d
     return x
 
 
 @torch.no_grad()
 def sample_sde(model, z, y, num_steps=50, heun=False, cfg_scale=1.0, guidance_low=0.0,
                guidance_high=1.0, path_type="linear", generator=None):
-    """Euler-Maruyama on the reverse SDE dx = [v - t s] dt + sqrt(2t) dW from z (t = 1) to t = 0;
-    returns float64 (B, C, H, W).
+    """Euler-Maruyama on the reverse SDE dx = [v - t s] dt + sqrt(2t) dW from z (t = 1) on
+    linspace(1, 0.04, num_steps), then a mean step to t = 0; returns float64 (B, C, H, W).
+    Each noisy step draws eps ~ N(0, I) in float64 *before* the model call, from `generator` (the
+    global RNG when None), as the official run. heun is ignored, as in the official signature."""
+    def drift(x, t):  # v - (w / 2) s with the diffusion coefficient w = 2t
+        v = velocity(model, x, t, y, cfg_scale, guidance_low, guidance_high, z.dtype)
+        return v - 0.5 * (2 * t) * score(v, x, t, path_type)
 
-    Grid: linspace(1, 0.04, num_steps) then 0: num_steps - 1 noisy steps and a final mean step.
-    Each noisy step draws eps ~ N(0, I) of the latent's shape in float64 *before* the model call,
-    from `generator` (the global RNG when None), so a seeded run equals the official one.
-    heun is accepted (the official signature has it) but Euler-Maruyama has no corrector."""
-    if heun:
-        raise repa.UserError("heun applies to the ODE only (mode ode)")
-    ts = torch.cat([torch.linspace(1, SDE_T_LAST, num_steps, dtype=torch.float64),
-                    torch.zeros(1, dtype=torch.float64)]).tolist()
+    ts = torch.linspace(1, SDE_T_LAST, num_steps, dtype=torch.float64).tolist()
     x = z.to(torch.float64)
-    for i, (t_cur, t_next) in enumerate(zip(ts[:-1], ts[1:])):
-        dt = t_next - t_cur                                      # negative: time runs backwards
-        noisy = i < num_steps - 1
-        if noisy:
-            eps = torch.randn(x.shape, generator=generator, dtype=torch.float64, device=x.device)
-        v = velocity(model, x, t_cur, y, cfg_scale, guidance_low, guidance_high, z.dtype)
-        w = 2 * t_cur                                            # diffusion coefficient w(t)
-        drift = v - 0.5 * w * score(v, x, t_cur, path_type)
-        if noisy:  # the noise enters as sqrt(w) dW, with dW = eps sqrt(|dt|)
-            x = x + drift * dt + math.sqrt(w) * (eps * math.sqrt(abs(dt)))
-        else:      # 0.04 -> 0: the mean of the transition only, a final denoising step
-            x = x + dt * drift
-    return x
+    for t_cur, t_next in zip(ts[:-1], ts[1:]):
+        eps = torch.randn(x.shape, generator=generator, dtype=torch.float64, device=x.device)
+        dt = t_next - t_cur  # negative: time runs backwards; dW = eps sqrt(|dt|)
+        x = x + drift(x, t_cur) * dt + math.sqrt(2 * t_cur) * (eps * math.sqrt(abs(dt)))
+    return x + (0.0 - ts[-1]) * drift(x, ts[-1])  # 0.04 -> 0: the transition's mean only
 
-
-#################################################################################
-#         DiT's sampler: ancestral steps of the improved DDPM (learned variance)  #
-#################################################################################
 
 @dataclass(frozen=True)
 class Solver:
-    """A sampling recipe: which solver, how many steps, and the guidance. Calling it solves from
-    noise z to data for labels y; `generator` feeds the SDE's and the DDPM's noise. Modes sde and
-    ode are for SiT (velocity), ddpm for DiT (eps and variance)."""
+    """A sampling recipe (by default the paper's FID 1.42 one); calling it solves from noise z to
+    data for labels y, `generator` feeding the SDE's and the DDPM's noise. Modes sde and ode are
+    for SiT (velocity), ddpm for DiT (eps and variance)."""
     mode: str = "sde"
     num_steps: int = 250
     heun: bool = False
@@ -172,39 +142,33 @@ class Solver:
     path_type: str = "linear"
 
     def __call__(self, model, z, y, generator=None):
+        guidance = (self.cfg_scale, self.guidance_low, self.guidance_high)
         if self.mode == "ddpm":
-            return sample_ddpm(model, z, y, self.num_steps, self.cfg_scale, self.guidance_low,
-                               self.guidance_high, generator)
-        kwargs = dict(num_steps=self.num_steps, heun=self.heun, cfg_scale=self.cfg_scale,
-                      guidance_low=self.guidance_low, guidance_high=self.guidance_high,
-                      path_type=self.path_type)
-        if self.mode == "sde":
-            return sample_sde(model, z, y, generator=generator, **kwargs)
-        return sample_ode(model, z, y, **kwargs)
+            return sample_ddpm(model, z, y, self.num_steps, *guidance, generator)
+        args = (model, z, y, self.num_steps, self.heun, *guidance, self.path_type)
+        return sample_sde(*args, generator) if self.mode == "sde" else sample_ode(*args)
 
 
 #################################################################################
 #         Checkpoints: one small reader per format, one way to build the model   #
 #################################################################################
 # Each reader takes the loaded file and returns (model_kwargs, state_dict, cfg): the exact
-# repa.SiT(...) call, the weights, and the settings a user may also give as flags (`OVERRIDES`).
-OVERRIDES = ("model", "resolution", "encoder_depth", "path_type", "num_classes", "qk_norm")
-PLAIN_MODEL = "XL/2"  # the released last.pt; the official generate.py's defaults: 256 px, linear
-# (for a DiT state dict, DiT-XL/2: the released DiT-XL-2-256x256.pt and -512x512.pt)
+# repa.SiT(...) call, the weights, and the settings a user may also give as flags.
+# A plain state dict is by default the released last.pt (DiT-XL/2 for a DiT state dict, as the
+# released DiT-XL-2-256x256.pt and -512x512.pt), at the official generate.py's 256 px.
+PLAIN_MODEL, PLAIN_RESOLUTION = "XL/2", 256
 
 
 def _merge(stored, overrides):
-    """The checkpoint's settings, with command-line values filling what it does not store. A flag
-    that contradicts the checkpoint is an error: a wrong size or path would only give noise."""
+    """The checkpoint's settings, with flags ('' and 0: unset) filling what it does not store. A
+    flag that contradicts the checkpoint is an error: a wrong size or path would only give noise."""
     cfg = dict(stored)
     norm = lambda k, v: v.removeprefix("SiT-") if k == "model" and isinstance(v, str) else v
     for k, v in overrides.items():
-        if v is None:
-            continue
-        if cfg.get(k) is not None and norm(k, cfg[k]) != norm(k, v):
+        if v and cfg.get(k) is not None and norm(k, cfg[k]) != norm(k, v):
             raise repa.UserError(f"--{k.replace('_', '-')} {v} disagrees with the checkpoint, "
                                  f"which stores {k}={cfg[k]}; drop the flag")
-        cfg[k] = v
+        cfg[k] = v or cfg.get(k)
     return cfg
 
 
@@ -212,13 +176,12 @@ def read_ours(ckpt, weights, overrides):
     """repa.py's checkpoints: `model_kwargs` is the exact SiT(...) call (in_channels 3 means
     pixel space, no VAE); the size and resolution it implies are named to check flags against."""
     kwargs, args = dict(ckpt["model_kwargs"]), dict(ckpt.get("args") or {})
-    size = next((name for name, sz in repa.SIZES.items() if all(  # SiT sizes: learn_sigma False
+    size = next((name for name, sz in repa.SIZES.items() if all(
         kwargs.get(k, False) == v for k, v in {"learn_sigma": False, **sz}.items()
         if k != "encoder_depth")), None)
     pixels = kwargs["input_size"] * (1 if kwargs["in_channels"] == 3 else repa.VAE_DOWNSAMPLE)
-    stored = {k: kwargs.get(k) for k in ("encoder_depth", "num_classes", "qk_norm")}
-    cfg = _merge(dict(stored, model=size, resolution=pixels, path_type=args.get("path_type")),
-                 overrides)
+    cfg = _merge(dict(model=size, resolution=pixels, encoder_depth=kwargs.get("encoder_depth"),
+                      path_type=args.get("path_type")), overrides)
     return kwargs, ckpt[weights], cfg
 
 
@@ -238,7 +201,7 @@ def official_kwargs(cfg, state_dict):
     rows = next((v.shape[0] for k, v in state_dict.items()
                  if k.endswith("embedding_table.weight")), num_classes + 1)
     size = repa.size_config(cfg["model"])
-    return dict(size, input_size=(cfg.get("resolution") or 256) // repa.VAE_DOWNSAMPLE,
+    return dict(size, input_size=cfg["resolution"] // repa.VAE_DOWNSAMPLE,
                 encoder_depth=cfg.get("encoder_depth") or size["encoder_depth"],
                 num_classes=num_classes, qk_norm=bool(cfg.get("qk_norm")), z_dims=z_dims,
                 projector_dim=projector_dim,
@@ -248,7 +211,7 @@ def official_kwargs(cfg, state_dict):
 def read_official(ckpt, weights, overrides):
     """The official train.py's {"model", "ema", "opt", "args" (argparse.Namespace), "steps"}."""
     args = vars(ckpt["args"])
-    cfg = _merge({k: args.get(k) for k in OVERRIDES}, overrides)
+    cfg = _merge({k: args.get(k) for k in (*overrides, "num_classes", "qk_norm")}, overrides)
     return official_kwargs(cfg, ckpt[weights]), ckpt[weights], cfg
 
 
@@ -260,10 +223,10 @@ def read_plain(ckpt, weights, overrides):
     table, patch, final = (find(k) for k in ("embedding_table.weight", "x_embedder.proj.weight",
                                              "final_layer.linear.weight"))
     dit = patch is not None and final is not None and final.shape[0] == 2 * patch[0].numel()
-    inferred = dict(num_classes=None if table is None else table.shape[0] - 1,
-                    qk_norm=any(".attn.q_norm." in k for k in ckpt))
-    cfg = _merge(dict(inferred, model=None), overrides)
-    cfg["model"] = cfg["model"] or ("DiT-" if dit else "") + PLAIN_MODEL
+    cfg = dict(overrides, model=overrides["model"] or ("DiT-" if dit else "") + PLAIN_MODEL,
+               resolution=overrides["resolution"] or PLAIN_RESOLUTION,
+               num_classes=None if table is None else table.shape[0] - 1,
+               qk_norm=any(".attn.q_norm." in k for k in ckpt))
     if repa.size_config(cfg["model"]).get("learn_sigma", False) != dit:
         size = cfg["model"].removeprefix("SiT-").removeprefix("DiT-")
         kind = "DiT (eps and a learned variance)" if dit else "SiT"
@@ -272,43 +235,34 @@ def read_plain(ckpt, weights, overrides):
     return official_kwargs(cfg, ckpt), ckpt, cfg
 
 
-def read_format(ckpt):
-    """(name, reader) for a loaded checkpoint, or one clear error."""
-    if isinstance(ckpt, dict) and "model_kwargs" in ckpt:
-        return "ours", read_ours
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), argparse.Namespace):
-        return "official", read_official
-    if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
-        return "plain", read_plain
-    raise repa.UserError("it is not a SiT checkpoint: expected ours or an official REPA "
-                         "checkpoint ('ema', 'args', ...) or a state dict of tensors")
-
-
-def load_checkpoint(path, device="cpu", use_ema=True, **overrides):
+def load_checkpoint(path, device="cpu", use_ema=True, model="", resolution=0, encoder_depth=0,
+                    path_type=""):
     """(model in eval mode on `device`, info) from our checkpoints, the official ones, or a plain
     state dict; `path` may also be a run folder (results/<run>) or its checkpoints/ (the newest).
-
-    overrides: model, resolution, encoder_depth, path_type, num_classes, qk_norm (None = unset).
-    info: path (the file read), format, path_type, pixel_space, input_size (the model's),
-    resolution (the images'), num_classes, steps, class_names (None where it stores none)."""
-    unknown = set(overrides) - set(OVERRIDES)
-    if unknown:
-        raise TypeError(f"unknown overrides {sorted(unknown)}; choose from {OVERRIDES}")
+    model ... path_type: the flags, '' or 0 where unset. info: path (the file read), format,
+    path_type, pixel_space, input_size (the model's), resolution (the images'), steps (None where
+    it stores none) and class_names (the ids where it stores none)."""
     path = repa.checkpoint_in(path)
     ckpt = repa.load_checkpoint(path)  # weights_only, memory-mapped; one line if unreadable
-    try:
-        fmt, reader = read_format(ckpt)
-    except repa.UserError as e:
-        raise repa.UserError(f"{path}: {e}") from None
-    kwargs, state_dict, cfg = reader(ckpt, "ema" if use_ema else "model", overrides)
+    found = ckpt if isinstance(ckpt, dict) else {}
+    fmt, reader = (("ours", read_ours) if "model_kwargs" in found else
+                   ("official", read_official) if isinstance(found.get("args"), argparse.Namespace)
+                   else ("plain", read_plain) if found and all(map(torch.is_tensor, found.values()))
+                   else (None, None))
+    if reader is None:
+        raise repa.UserError(f"{path}: it is not a SiT checkpoint: expected ours or an official "
+                             f"REPA checkpoint ('ema', 'args', ...) or a state dict of tensors")
+    kwargs, state_dict, cfg = reader(ckpt, "ema" if use_ema else "model", dict(
+        model=model, resolution=resolution, encoder_depth=encoder_depth, path_type=path_type))
+    path_type = cfg.get("path_type") or "linear"
+    repa.interpolant(torch.zeros(()), path_type)  # an unknown path fails here, not while sampling
     with torch.device(device):  # initialised where it runs: XL/2's init takes a while on a CPU
         model = repa.SiT(**kwargs)
     repa.load_sit_weights(model, state_dict)  # strict; one clear line when it does not fit
-    info = dict(path=path, format=fmt, path_type=cfg.get("path_type") or "linear",
-                pixel_space=model.in_channels == 3, input_size=kwargs["input_size"],
-                resolution=cfg.get("resolution") or 256, num_classes=model.num_classes,
+    info = dict(path=path, format=fmt, path_type=path_type, pixel_space=model.in_channels == 3,
+                input_size=kwargs["input_size"], resolution=cfg["resolution"],
                 steps=ckpt.get("steps") if fmt != "plain" else None,
-                class_names=ckpt.get("class_names"))
+                class_names=ckpt.get("class_names") or list(range(model.num_classes)))
     return model.eval().requires_grad_(False), info
 
 
@@ -335,27 +289,24 @@ def write_npz(folder, num):
     """The ADM evaluation suite's input: arr_0 = uint8 (N, H, W, 3), images 0 .. N-1 in order."""
     from PIL import Image
     from tqdm import tqdm
-    missing = [i for i in range(num) if not os.path.isfile(f"{folder}/{i:06d}.png")]
-    if missing:
-        raise repa.UserError(f"{len(missing)} images are missing in {folder} (first "
-                             f"{missing[0]:06d}.png); run the same command again to finish them")
+
     def read(i):
         try:
             return np.asarray(Image.open(f"{folder}/{i:06d}.png").convert("RGB"))
-        except (OSError, ValueError) as e:  # written atomically by us: damaged since
-            raise repa.UserError(f"{folder}/{i:06d}.png cannot be read ({e}): delete it, and "
-                                 f"the same command samples it again") from None
+        except (OSError, ValueError) as e:  # missing (another node's disk?) or damaged since
+            raise repa.UserError(f"{folder}/{i:06d}.png cannot be read ({e}): delete it if it "
+                                 f"is there, and the same command samples it again") from None
     first = read(0)
     arr = np.empty((num, *first.shape), dtype=np.uint8)  # preallocated: 50K x 256^2 x 3 = 9.8 GB
     for i in tqdm(range(num), desc="building .npz"):
         arr[i] = read(i)
     repa.atomic_write(f"{folder}.npz", lambda f: np.savez(f, arr_0=arr))
-    return f"{folder}.npz"
+    print(f"wrote {folder}.npz ({num} images)")
 
 
 def sample_fid(model, vae, info, solver, num, batch, global_seed, folder):
-    """Write {index:06d}.png for index < num into `folder` across ranks; rank 0 then writes the
-    .npz, whose path every rank returns.
+    """Write {index:06d}.png for index < num into `folder` across ranks; rank 0 then writes
+    `folder`.npz.
 
     Layout and seeds follow the official generate.py: batch k of rank r holds the indices
     k G + i W + r (G = n W, i < n), and the rank's RNG is seeded with global_seed * W + r. That
@@ -391,9 +342,7 @@ def sample_fid(model, vae, info, solver, num, batch, global_seed, folder):
                 save_png(image, f"{folder}/{j:06d}.png")
     repa.barrier()  # every rank has written its PNGs; no barrier after: the .npz can take minutes
     if rank == 0:
-        path = write_npz(folder, num)
-        print(f"wrote {path} ({num} images)")
-    return f"{folder}.npz"
+        write_npz(folder, num)
 
 
 def evaluation():
@@ -424,7 +373,7 @@ class SampleConfig:
     mode: str = ""              # SiT: sde (default) | ode (Euler, or Heun); DiT: ddpm (its own)
     num_steps: int = 0          # 0: 250 for FID (the paper's), 50 for a grid (a quick look)
     heun: bool = False          # Heun's corrector on the ODE (2N - 1 model calls)
-    cfg_scale: float = 1.8      # classifier-free guidance scale; 1 turns guidance off
+    cfg_scale: float = Solver.cfg_scale  # classifier-free guidance scale; 1 turns guidance off
     guidance_low: float = 0.0   # guide only while guidance_low <= t <= guidance_high (t = 0 data)
     guidance_high: float = -1.0  # -1: 0.7 for SiT (the paper's), 1 for DiT (t = timestep / 1000)
     # the output
@@ -446,23 +395,21 @@ GUIDANCE_RULE = "the guidance interval must satisfy 0 <= --guidance-low <= --gui
 
 
 def check_args(args):
-    """Values that would otherwise fail late or quietly: one line each, before any loading."""
+    """Values that would otherwise fail late or quietly: one line each, before any loading. The
+    guidance interval's end is checked again once the model sets its default."""
     rules = [(bool(args.ckpt) != bool(args.evaluate),
               "give --ckpt CKPT to sample or --evaluate SAMPLES.npz to evaluate (one of them)"),
              (args.fid_ref or not args.evaluate, "--evaluate needs --fid-ref REF"),
              (not args.fid_ref or args.evaluate or args.num_fid_samples,
               "--fid-ref evaluates the samples of --num-fid-samples N (or of --evaluate)"),
-             (re.fullmatch(r"(\d+,)*\d+", args.classes) or not args.classes,
+             (all(c.isdecimal() for c in args.classes.split(",")) or not args.classes,
               f"--classes must be class numbers separated by commas, got {args.classes!r}"),
              (args.mode in ("", "sde", "ode", "ddpm"),
               f"--mode must be sde, ode or ddpm, got {args.mode!r}"),
-             (args.path_type in ("",) + repa.PATH_TYPES,
-              f"--path-type must be one of {', '.join(repa.PATH_TYPES)}"),
              (not args.heun or args.mode == "ode", "--heun applies to the ODE only: add --mode ode"),
-             (args.num_steps >= 0 and args.num_fid_samples >= 0 and args.resolution >= 0 and
-              args.encoder_depth >= 0, "--num-steps, --num-fid-samples, --resolution and "
-              "--encoder-depth must be at least 0"),
-             (args.per_class >= 1 and args.per_proc_batch_size >= 1,
+             (min(args.num_steps, args.num_fid_samples, args.resolution, args.encoder_depth) >= 0,
+              "--num-steps, --num-fid-samples, --resolution and --encoder-depth must be at least 0"),
+             (min(args.per_class, args.per_proc_batch_size) >= 1,
               "--per-class and --per-proc-batch-size must be at least 1"),
              (args.cfg_scale >= 0, "--cfg-scale must be at least 0"),
              (0 <= args.guidance_low <= 1 and (args.guidance_high == -1 or
@@ -478,40 +425,25 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     repa.add_flags(p, SampleConfig)
-    args = SampleConfig(**vars(p.parse_args(argv)))
-    try:
-        check_args(args)
-    except repa.UserError as e:  # one line, without argparse's usage block
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    return args
+    return SampleConfig(**vars(p.parse_args(argv)))
 
 
-def default_sample_dir(ckpt):
-    """results/<run>/samples for a checkpoint in results/<run>/checkpoints/, else ./samples."""
-    parent = os.path.dirname(os.path.abspath(ckpt))
-    if os.path.basename(parent) == "checkpoints":
-        return os.path.join(os.path.dirname(parent), "samples")
-    return "samples"
-
-
-def run_name(args, solver, info, world):
-    """Everything that changes the images is in the name, so a restart with other settings starts
-    a new folder instead of mixing two recipes (the world size and batch fix the seeds)."""
+def output_stem(args, solver, info, world):
+    """sample_dir/name, sample_dir by default results/<run>/samples for a checkpoint in
+    results/<run>/checkpoints/, else ./samples. Everything that changes the images is in the
+    name, so a restart with other settings starts a new folder instead of mixing two recipes (the
+    world size and batch fix the seeds)."""
+    parent = os.path.dirname(os.path.abspath(info["path"]))
+    sample_dir = args.sample_dir or (os.path.join(os.path.dirname(parent), "samples") if
+                                     os.path.basename(parent) == "checkpoints" else "samples")
     stem = os.path.splitext(os.path.basename(info["path"]))[0]
     steps = f"-s{info['steps']}" if info["steps"] is not None else ""
     vae = "" if info["pixel_space"] else f"-vae-{os.path.basename(os.path.normpath(args.vae))}"
-    heun = "-heun" if solver.heun else ""
-    return (f"{stem}{steps}-{'ema' if args.ema else 'raw'}{vae}-{solver.mode}{solver.num_steps}"
-            f"{heun}-cfg{solver.cfg_scale}-{solver.guidance_low}-{solver.guidance_high}-"
-            f"{solver.path_type}-seed{args.global_seed}-{world}x{args.per_proc_batch_size}")
-
-
-def class_names(info, classes):
-    """The names the checkpoint stores for its classes (a data set that names them), else the
-    ids."""
-    names = info["class_names"]
-    return [names[c] for c in classes] if names else classes
+    return os.path.join(sample_dir, (
+        f"{stem}{steps}-{'ema' if args.ema else 'raw'}{vae}-{solver.mode}{solver.num_steps}"
+        f"{'-heun' if solver.heun else ''}-cfg{solver.cfg_scale}-{solver.guidance_low}-"
+        f"{solver.guidance_high}-{solver.path_type}-seed{args.global_seed}-{world}x"
+        f"{args.per_proc_batch_size}"))
 
 
 def make_solver(args, model, path_type):
@@ -525,10 +457,10 @@ def make_solver(args, model, path_type):
         raise repa.UserError("this is a DiT (eps and a learned variance): it samples with --mode "
                              "ddpm" if dit else "--mode ddpm is DiT's sampler; this is a SiT: use "
                              "--mode sde or ode")
-    high = args.guidance_high if args.guidance_high >= 0 else 1.0 if dit else 0.7
+    high = args.guidance_high if args.guidance_high >= 0 else 1.0 if dit else Solver.guidance_high
     if args.guidance_low > high:
         raise repa.UserError(GUIDANCE_RULE)
-    steps = args.num_steps or (250 if args.num_fid_samples else 50)
+    steps = args.num_steps or (Solver.num_steps if args.num_fid_samples else 50)
     return Solver(mode, steps, args.heun, args.cfg_scale, args.guidance_low, high, path_type)
 
 
@@ -537,13 +469,10 @@ def run(args):
     torch.backends.cuda.matmul.allow_tf32 = args.tf32  # as the official generate.py (CUDA only)
     rank, world, device = repa.setup_distributed()  # NCCL on GPUs, gloo on CPUs, or none
     if args.evaluate:  # an .npz from anywhere (ours, the official code's, a peer's): no model
-        evaluation().evaluate(args.evaluate, args.fid_ref, args.inception,
-                              args.per_proc_batch_size)
-        return
-    model, info = load_checkpoint(
-        args.ckpt, device, use_ema=args.ema, model=args.model or None,
-        resolution=args.resolution or None, encoder_depth=args.encoder_depth or None,
-        path_type=args.path_type or None)
+        return evaluation().evaluate(args.evaluate, args.fid_ref, args.inception,
+                                     args.per_proc_batch_size)
+    model, info = load_checkpoint(args.ckpt, device, args.ema, args.model, args.resolution,
+                                  args.encoder_depth, args.path_type)
     if args.fid_ref:  # a bad reference fails now, not after hours of sampling; missing weights
         evaluation().check_evaluation(None, args.fid_ref, info["resolution"])  # the weights
         if evaluation().inception_weights(args.inception) is None:  # can be fetched meanwhile
@@ -555,18 +484,18 @@ def run(args):
     solver = make_solver(args, model, info["path_type"])
     # samples are decoded with ft-ema (official), although the latents were made with ft-mse
     vae = None if info["pixel_space"] else repa.load_vae(VAES.get(args.vae, args.vae), device)
-    sample_dir = args.sample_dir or default_sample_dir(info["path"])
-    name = run_name(args, solver, info, world)
+    stem = output_stem(args, solver, info, world)
     if args.num_fid_samples:
-        npz = sample_fid(model, vae, info, solver, args.num_fid_samples,
-                         args.per_proc_batch_size, args.global_seed, os.path.join(sample_dir, name))
+        sample_fid(model, vae, info, solver, args.num_fid_samples, args.per_proc_batch_size,
+                   args.global_seed, stem)
         if args.fid_ref:
             repa.barrier()  # rank 0 has written the .npz
             try:
-                evaluation().evaluate(npz, args.fid_ref, args.inception, args.per_proc_batch_size)
+                evaluation().evaluate(f"{stem}.npz", args.fid_ref, args.inception,
+                                      args.per_proc_batch_size)
             except evaluation().UserError as e:  # exit 2: no numbers; but the samples are safe
                 raise repa.UserError(f"{e}; the samples are kept, evaluate them with: python "
-                                     f"sample.py --evaluate {npz} --fid-ref {args.fid_ref}")
+                                     f"sample.py --evaluate {stem}.npz --fid-ref {args.fid_ref}")
     elif rank == 0:  # a grid is one process's work
         classes = ([int(c) for c in args.classes.split(",")] if args.classes else
                    GRID_CLASSES if model.num_classes == repa.NUM_CLASSES else
@@ -580,14 +509,15 @@ def run(args):
         images = torch.cat([generate(model, vae, chunk, generator, solver, info["input_size"])
                             for chunk in labels.split(args.per_proc_batch_size)])
         shown = f"-classes{'_'.join(map(str, classes))}" if args.classes else ""
-        path = os.path.join(sample_dir, f"{name}{shown}-x{args.per_class}-grid.png")
-        save_grid(images, class_names(info, classes), path)
+        path = f"{stem}{shown}-x{args.per_class}-grid.png"
+        save_grid(images, [info["class_names"][c] for c in classes], path)
         print(f"wrote {path} ({len(classes)} classes x {args.per_class})")
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
+        check_args(args)  # before anything is loaded
         run(args)
     except (repa.UserError, evaluation().UserError, FileExistsError, NotADirectoryError) as e:
         print(f"error: {repa.in_words(e)}", file=sys.stderr)
