@@ -1,9 +1,7 @@
 """
-Sampling for REPA: the ODE and SDE solvers of the official code, with classifier-free guidance and
-its guidance interval, and DiT's DDPM sampler; a labelled PNG grid to look at; 50K images plus
-the `.npz` for FID; and the evaluation of that `.npz` in-process: FID, sFID, Inception Score,
-precision and recall as ADM's suite computes them, on torch-fidelity's port of its TensorFlow
-Inception (no TensorFlow needed).
+Sampling for REPA: the official ODE and SDE solvers with classifier-free guidance and its
+interval, and DiT's DDPM sampler; a labelled PNG grid; 50K images and the `.npz` for FID,
+evaluated in-process as ADM's suite (FID, sFID, IS, precision, recall) by tools/evaluate.py.
 
 The solvers, in the notation of repa.py (t = 0 data, t = 1 noise, x_t = alpha_t x_* + sigma_t eps)
 --------------------------------------------------------------------------------------------------
@@ -29,11 +27,9 @@ The solvers, in the notation of repa.py (t = 0 data, t = 1 noise, x_t = alpha_t 
 Commands
 --------
   python sample.py --ckpt results/demo                 # a labelled grid from the newest checkpoint
-  python sample.py --help                              # every flag, with its default
   torchrun --nproc_per_node=8 sample.py --ckpt C --num-fid-samples 50000   # PNGs + .npz for FID
   torchrun --nproc_per_node=8 sample.py --ckpt C --num-fid-samples 50000 --fid-ref REF.npz
-                                 # ... then FID, sFID, IS, precision and recall against REF, e.g.
-                                 # ADM's VIRTUAL_imagenet256_labeled.npz, or a folder of images
+                  # ... and evaluated against REF: ADM's VIRTUAL_imagenet256_labeled.npz or images
   python sample.py --evaluate SAMPLES.npz --fid-ref REF.npz   # the same for any .npz
   python sample.py --ckpt last.pt --model XL/2 --resolution 256 --encoder-depth 8   # released
   python sample.py --ckpt DiT-XL-2-256x256.pt --model DiT-XL/2 --resolution 256 --cfg-scale 1.5
@@ -50,9 +46,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist  # set up by repa.setup_distributed (torchrun env)
+from PIL import Image
+from tqdm import tqdm
 
 import repa
-# the guidance and the grids' pieces that training's preview grids use too live in repa.py
 from repa import GRID_CLASSES, decode, guidance_scale, guided, sample_ddpm, save_grid
 
 VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
@@ -76,8 +73,7 @@ def velocity(model, x, t, y, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
 
 
 def score(v, x, t, path_type="linear"):
-    """grad_x log p_t(x) from the velocity (float64), using the path of repa.interpolant.
-
+    """grad_x log p_t(x) from the velocity (float64), using the path of repa.interpolant:
     x = alpha E[x_*|x] + sigma E[eps|x] and v = alpha' E[x_*|x] + sigma' E[eps|x]; eliminating
     E[x_*|x] gives r v - x = (r sigma' - sigma) E[eps|x] with r = alpha / alpha', and the score of
     a Gaussian perturbation is -E[eps|x] / sigma. Linear path: s = ((t - 1) v - x) / t."""
@@ -90,9 +86,8 @@ def score(v, x, t, path_type="linear"):
 @torch.no_grad()
 def sample_ode(model, z, y, num_steps=50, heun=False, cfg_scale=1.0, guidance_low=0.0,
                guidance_high=1.0, path_type="linear"):
-    """Integrate dx = v dt from noise z (t = 1) to data (t = 0); returns float64 (B, C, H, W).
-    The ODE follows the model's own v, so path_type goes unused (as in the official sampler). The
-    state stays float64, so 250 small steps add no rounding drift."""
+    """dx = v dt from noise z (t = 1) to data (t = 0) in float64, so that 250 small steps add no
+    rounding drift. v is the model's, on its own path: path_type goes unused (as official)."""
     v = lambda x, t, **kw: velocity(model, x, t, y, cfg_scale, guidance_low, guidance_high,
                                     z.dtype, **kw)
     ts = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist()
@@ -100,9 +95,8 @@ def sample_ode(model, z, y, num_steps=50, heun=False, cfg_scale=1.0, guidance_lo
     for i, (t_cur, t_next) in enumerate(zip(ts[:-1], ts[1:])):
         d = v(x, t_cur)
         if heun and i < num_steps - 1:
-            # trapezoid rule after an Euler predictor (second order); the last step, which would
-            # evaluate v at t = 0, stays Euler. The corrector's guidance is decided at t_cur
-            # (official), so both slopes agree on being guided.
+            # the last step would evaluate v at t = 0, so it stays Euler; the corrector's
+            # guidance is decided at t_cur (official), so both slopes agree on being guided
             d = 0.5 * d + 0.5 * v(x + (t_next - t_cur) * d, t_next, guide_t=t_cur)
         x = x + (t_next - t_cur) * d
     return x
@@ -111,10 +105,9 @@ def sample_ode(model, z, y, num_steps=50, heun=False, cfg_scale=1.0, guidance_lo
 @torch.no_grad()
 def sample_sde(model, z, y, num_steps=50, heun=False, cfg_scale=1.0, guidance_low=0.0,
                guidance_high=1.0, path_type="linear", generator=None):
-    """Euler-Maruyama on the reverse SDE dx = [v - t s] dt + sqrt(2t) dW from z (t = 1) on
-    linspace(1, 0.04, num_steps), then a mean step to t = 0; returns float64 (B, C, H, W).
-    Each noisy step draws eps ~ N(0, I) in float64 *before* the model call, from `generator` (the
-    global RNG when None), as the official run. heun is ignored, as in the official signature."""
+    """Euler-Maruyama on dx = [v - t s] dt + sqrt(2t) dW from noise z (t = 1) to data, float64.
+    Each noisy step draws eps ~ N(0, I) *before* the model call, from `generator` (the global RNG
+    when None), as the official sampler, whose signature has heun too (ignored)."""
     def drift(x, t):  # v - (w / 2) s with the diffusion coefficient w = 2t
         v = velocity(model, x, t, y, cfg_scale, guidance_low, guidance_high, z.dtype)
         return v - 0.5 * (2 * t) * score(v, x, t, path_type)
@@ -125,14 +118,13 @@ def sample_sde(model, z, y, num_steps=50, heun=False, cfg_scale=1.0, guidance_lo
         eps = torch.randn(x.shape, generator=generator, dtype=torch.float64, device=x.device)
         dt = t_next - t_cur  # negative: time runs backwards; dW = eps sqrt(|dt|)
         x = x + drift(x, t_cur) * dt + math.sqrt(2 * t_cur) * (eps * math.sqrt(abs(dt)))
-    return x + (0.0 - ts[-1]) * drift(x, ts[-1])  # 0.04 -> 0: the transition's mean only
+    return x + (0.0 - ts[-1]) * drift(x, ts[-1])
 
 
 @dataclass(frozen=True)
 class Solver:
-    """A sampling recipe (by default the paper's FID 1.42 one); calling it solves from noise z to
-    data for labels y, `generator` feeding the SDE's and the DDPM's noise. Modes sde and ode are
-    for SiT (velocity), ddpm for DiT (eps and variance)."""
+    """A sampling recipe, by default the paper's FID 1.42 one: sde and ode for a SiT (velocity),
+    ddpm for a DiT (eps and variance). `generator` feeds the SDE's and the DDPM's noise."""
     mode: str = "sde"
     num_steps: int = 250
     heun: bool = False
@@ -152,24 +144,19 @@ class Solver:
 #################################################################################
 #         Checkpoints: one small reader per format, one way to build the model   #
 #################################################################################
-# Each reader takes the loaded file and returns (model_kwargs, state_dict, cfg): the exact
-# repa.SiT(...) call, the weights, and the settings a user may also give as flags.
-# A plain state dict is by default the released last.pt (DiT-XL/2 for a DiT state dict, as the
-# released DiT-XL-2-256x256.pt and -512x512.pt), at the official generate.py's 256 px.
+# A plain state dict is by default the released last.pt (a DiT's: DiT-XL/2), at 256 px (official)
 PLAIN_MODEL, PLAIN_RESOLUTION = "XL/2", 256
 
 
 def _merge(stored, overrides):
     """The checkpoint's settings, with flags ('' and 0: unset) filling what it does not store. A
     flag that contradicts the checkpoint is an error: a wrong size or path would only give noise."""
-    cfg = dict(stored)
-    norm = lambda k, v: v.removeprefix("SiT-") if k == "model" and isinstance(v, str) else v
+    norm = lambda k, v: v.removeprefix("SiT-") if k == "model" else v
     for k, v in overrides.items():
-        if v and cfg.get(k) is not None and norm(k, cfg[k]) != norm(k, v):
+        if v and stored.get(k) is not None and norm(k, stored[k]) != norm(k, v):
             raise repa.UserError(f"--{k.replace('_', '-')} {v} disagrees with the checkpoint, "
-                                 f"which stores {k}={cfg[k]}; drop the flag")
-        cfg[k] = v or cfg.get(k)
-    return cfg
+                                 f"which stores {k}={stored[k]}; drop the flag")
+    return {**stored, **{k: v for k, v in overrides.items() if v}}
 
 
 def read_ours(ckpt, weights, overrides):
@@ -186,10 +173,8 @@ def read_ours(ckpt, weights, overrides):
 
 
 def official_kwargs(cfg, state_dict):
-    """repa.SiT kwargs for an official checkpoint. The encoder widths and the projector width come
-    from the projector weights (the file stores only the encoder's name, and the official
-    generate.py's default widths do not fit the released model); the null label row exists only
-    if the model was trained with label dropout."""
+    """repa.SiT kwargs for an official checkpoint: encoder and projector widths from the projector
+    weights (the official defaults do not fit the released model), and the label table's rows."""
     layers = {}  # projector k -> {layer index: weight}
     for key, value in state_dict.items():
         parts = key.removeprefix("module.").split(".")
@@ -197,15 +182,15 @@ def official_kwargs(cfg, state_dict):
             layers.setdefault(int(parts[1]), {})[int(parts[2])] = value
     z_dims = [w[max(w)].shape[0] for _, w in sorted(layers.items())]
     projector_dim = layers[0][min(layers[0])].shape[0] if layers else repa.PROJECTOR_DIM
-    num_classes = cfg.get("num_classes") or repa.NUM_CLASSES
     rows = next((v.shape[0] for k, v in state_dict.items()
-                 if k.endswith("embedding_table.weight")), num_classes + 1)
+                 if k.endswith("embedding_table.weight")), None)  # classes (+ 1: null label)
+    num_classes = cfg.get("num_classes") or (rows - 1 if rows else repa.NUM_CLASSES)
     size = repa.size_config(cfg["model"])
     return dict(size, input_size=cfg["resolution"] // repa.VAE_DOWNSAMPLE,
                 encoder_depth=cfg.get("encoder_depth") or size["encoder_depth"],
                 num_classes=num_classes, qk_norm=bool(cfg.get("qk_norm")), z_dims=z_dims,
                 projector_dim=projector_dim,
-                class_dropout_prob=repa.CLASS_DROPOUT if rows > num_classes else 0.0)
+                class_dropout_prob=repa.CLASS_DROPOUT if rows != num_classes else 0.0)
 
 
 def read_official(ckpt, weights, overrides):
@@ -216,16 +201,13 @@ def read_official(ckpt, weights, overrides):
 
 
 def read_plain(ckpt, weights, overrides):
-    """A bare state dict: the released REPA XL/2 last.pt (legacy `decoder_blocks.*` keys) or an
-    official DiT checkpoint. The class count, qk-norm and DiT's learned variance (a final layer
-    twice as wide as a patch) are read from the weights; the size comes from the flags."""
+    """A bare state dict (the released last.pt, or DiT's): qk-norm and DiT's learned variance (a
+    final layer twice as wide as a patch) from the weights, the size from the flags."""
     find = lambda suffix: next((v for k, v in ckpt.items() if k.endswith(suffix)), None)
-    table, patch, final = (find(k) for k in ("embedding_table.weight", "x_embedder.proj.weight",
-                                             "final_layer.linear.weight"))
+    patch, final = find("x_embedder.proj.weight"), find("final_layer.linear.weight")
     dit = patch is not None and final is not None and final.shape[0] == 2 * patch[0].numel()
     cfg = dict(overrides, model=overrides["model"] or ("DiT-" if dit else "") + PLAIN_MODEL,
                resolution=overrides["resolution"] or PLAIN_RESOLUTION,
-               num_classes=None if table is None else table.shape[0] - 1,
                qk_norm=any(".attn.q_norm." in k for k in ckpt))
     if repa.size_config(cfg["model"]).get("learn_sigma", False) != dit:
         size = cfg["model"].removeprefix("SiT-").removeprefix("DiT-")
@@ -237,11 +219,9 @@ def read_plain(ckpt, weights, overrides):
 
 def load_checkpoint(path, device="cpu", use_ema=True, model="", resolution=0, encoder_depth=0,
                     path_type=""):
-    """(model in eval mode on `device`, info) from our checkpoints, the official ones, or a plain
-    state dict; `path` may also be a run folder (results/<run>) or its checkpoints/ (the newest).
-    model ... path_type: the flags, '' or 0 where unset. info: path (the file read), format,
-    path_type, pixel_space, input_size (the model's), resolution (the images'), steps (None where
-    it stores none) and class_names (the ids where it stores none)."""
+    """(model in eval mode on `device`, info) from ours, an official checkpoint or a state dict,
+    in a file, a run folder or its checkpoints/ (the newest); model ... path_type as the flags.
+    info: path, format, path_type, pixel_space, input_size, resolution, steps, class_names."""
     path = repa.checkpoint_in(path)
     ckpt = repa.load_checkpoint(path)  # weights_only, memory-mapped; one line if unreadable
     found = ckpt if isinstance(ckpt, dict) else {}
@@ -261,43 +241,36 @@ def load_checkpoint(path, device="cpu", use_ema=True, model="", resolution=0, en
     repa.load_sit_weights(model, state_dict)  # strict; one clear line when it does not fit
     info = dict(path=path, format=fmt, path_type=path_type, pixel_space=model.in_channels == 3,
                 input_size=kwargs["input_size"], resolution=cfg["resolution"],
-                steps=ckpt.get("steps") if fmt != "plain" else None,
-                class_names=ckpt.get("class_names") or list(range(model.num_classes)))
+                steps=found.get("steps"),
+                class_names=found.get("class_names") or list(range(model.num_classes)))
     return model.eval().requires_grad_(False), info
 
 
 #################################################################################
-#                    Images: decode, uint8, grid, FID folder                     #
+#                  Images: batches, PNGs and the FID folder                      #
 #################################################################################
 
 def generate(model, vae, labels, generator, solver, input_size):
-    """One batch: draw z from `generator`, solve, decode. Returns uint8 (B, H, W, 3). The SDE's
-    noise comes from the same generator, so z and the noise are one stream."""
+    """uint8 (B, H, W, 3): z and then the solver's noise drawn from `generator`, one stream."""
     z = torch.randn((len(labels), model.in_channels, input_size, input_size),
                     generator=generator, device=labels.device)
     return decode(solver(model, z, labels, generator), vae)
 
 
 def save_png(image, path):
-    """Written atomically, so that a killed run never leaves a truncated PNG that a restart would
-    take as done."""
-    from PIL import Image
+    """Atomic: a killed run leaves no truncated PNG that a restart would take as done."""
     repa.atomic_write(path, lambda f: Image.fromarray(image.numpy()).save(f, format="PNG"))
 
 
 def write_npz(folder, num):
     """The ADM evaluation suite's input: arr_0 = uint8 (N, H, W, 3), images 0 .. N-1 in order."""
-    from PIL import Image
-    from tqdm import tqdm
-
     def read(i):
         try:
             return np.asarray(Image.open(f"{folder}/{i:06d}.png").convert("RGB"))
-        except (OSError, ValueError) as e:  # missing (another node's disk?) or damaged since
+        except (OSError, ValueError) as e:  # missing (on another node's disk) or damaged
             raise repa.UserError(f"{folder}/{i:06d}.png cannot be read ({e}): delete it if it "
                                  f"is there, and the same command samples it again") from None
-    first = read(0)
-    arr = np.empty((num, *first.shape), dtype=np.uint8)  # preallocated: 50K x 256^2 x 3 = 9.8 GB
+    arr = np.empty((num, *read(0).shape), dtype=np.uint8)  # preallocated: 50K x 256^2 x 3 = 9.8 GB
     for i in tqdm(range(num), desc="building .npz"):
         arr[i] = read(i)
     repa.atomic_write(f"{folder}.npz", lambda f: np.savez(f, arr_0=arr))
@@ -305,39 +278,30 @@ def write_npz(folder, num):
 
 
 def sample_fid(model, vae, info, solver, num, batch, global_seed, folder):
-    """Write {index:06d}.png for index < num into `folder` across ranks; rank 0 then writes
-    `folder`.npz.
-
-    Layout and seeds follow the official generate.py: batch k of rank r holds the indices
-    k G + i W + r (G = n W, i < n), and the rank's RNG is seeded with global_seed * W + r. That
-    seed draws one seed per batch, so a batch's images do not depend on the batches before it:
-    a restart redoes only the batches with a missing PNG and gets the very same images.
-    Classes are balanced (index i has class i mod num_classes), unlike the official random ones."""
-    from tqdm import tqdm
+    """{index:06d}.png for index < num in `folder` across ranks, then `folder`.npz. As the official
+    generate.py, batch k of rank r holds the indices k G + i W + r (G = n W, i < n); the rank's
+    RNG draws one seed per batch, so a restart redoes only the batches with a missing PNG, to the
+    same images. Classes are balanced (index i has class i mod num_classes), not random."""
     rank, world, device = repa.setup_distributed()
     stride = batch * world
     batches = math.ceil(num / stride)  # the last batch may run past N: those images are dropped
-    if rank == 0:
-        os.makedirs(folder, exist_ok=True)
-    repa.barrier()
+    os.makedirs(folder, exist_ok=True)  # each rank lists and writes only its own PNGs
     done = set(os.listdir(folder))  # one listing, not 50K stat calls on a network disk
     seeds = torch.randint(2 ** 62, (batches,), generator=torch.Generator().manual_seed(
         global_seed * world + rank)).tolist()
-    todo = []  # whole batches are redone (deterministic), but only missing PNGs are written
-    for k in range(batches):
-        index = [k * stride + i * world + rank for i in range(batch)]
-        if any(j < num and f"{j:06d}.png" not in done for j in index):
-            todo.append((k, index))
+    index = lambda k: [k * stride + i * world + rank for i in range(batch)]
+    todo = [k for k in range(batches)  # whole batches are redone, only missing PNGs written
+            if any(j < num and f"{j:06d}.png" not in done for j in index(k))]
     count = torch.tensor([len(todo)], device=device)  # on the GPU for NCCL, the CPU for gloo
     if dist.is_initialized():
         dist.all_reduce(count)  # only for the message: each rank works through its own list
     repa.print0(f"{folder}: {sum(f.endswith('.png') for f in done)} of {num} images on disk, "
                 f"sampling {count.item()} batches of {world} x {batch}")
-    for k, index in tqdm(todo, desc=f"rank 0 of {world}", unit="batch", disable=rank != 0):
+    for k in tqdm(todo, desc=f"rank 0 of {world}", unit="batch", disable=rank != 0):
         generator = torch.Generator(device).manual_seed(seeds[k])
-        labels = torch.tensor([j % model.num_classes for j in index], device=device)
+        labels = torch.tensor([j % model.num_classes for j in index(k)], device=device)
         images = generate(model, vae, labels, generator, solver, info["input_size"])
-        for j, image in zip(index, images):
+        for j, image in zip(index(k), images):
             if j < num and f"{j:06d}.png" not in done:
                 save_png(image, f"{folder}/{j:06d}.png")
     repa.barrier()  # every rank has written its PNGs; no barrier after: the .npz can take minutes
@@ -346,8 +310,7 @@ def sample_fid(model, vae, info, solver, num, batch, global_seed, folder):
 
 
 def evaluation():
-    """tools/evaluate.py (ADM's suite), which imports nothing of this project: for --fid-ref and
-    --evaluate."""
+    """tools/evaluate.py (ADM's suite; it imports nothing of ours), for --fid-ref and --evaluate."""
     tools = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools")
     if tools not in sys.path:
         sys.path.insert(0, tools)
@@ -369,14 +332,12 @@ class SampleConfig:
     resolution: int = 0         # image pixels (plain state dicts: 256)
     encoder_depth: int = 0      # aligned block (plain state dicts: the size table's)
     path_type: str = ""         # linear | cosine (default: the checkpoint's, else linear)
-    # the solver; the defaults are the paper's FID 1.42 recipe (SiT), DiT's sampler for a DiT
     mode: str = ""              # SiT: sde (default) | ode (Euler, or Heun); DiT: ddpm (its own)
     num_steps: int = 0          # 0: 250 for FID (the paper's), 50 for a grid (a quick look)
     heun: bool = False          # Heun's corrector on the ODE (2N - 1 model calls)
     cfg_scale: float = Solver.cfg_scale  # classifier-free guidance scale; 1 turns guidance off
     guidance_low: float = 0.0   # guide only while guidance_low <= t <= guidance_high (t = 0 data)
     guidance_high: float = -1.0  # -1: 0.7 for SiT (the paper's), 1 for DiT (t = timestep / 1000)
-    # the output
     vae: str = "ema"            # ema | mse (stabilityai/sd-vae-ft-*), a HF name or a local folder
     global_seed: int = 0        # rank r of W is seeded with global_seed * W + r (official)
     per_proc_batch_size: int = 32  # images per model call on each process
@@ -385,7 +346,6 @@ class SampleConfig:
     per_class: int = 4          # grid columns: images per class
     sample_dir: str = ""        # default: results/<run>/samples next to the checkpoint, else ./samples
     tf32: bool = True           # TF32 matmuls on GPUs (official default): faster, ~1e-3 relative
-    # the evaluation, ADM's suite in-process: FID, sFID, IS, precision/recall
     fid_ref: str = ""           # ADM's reference .npz (arr_0; mu, sigma, mu_s, sigma_s) or images
     evaluate: str = ""          # evaluate this .npz (arr_0) against --fid-ref, instead of sampling
     inception: str = ""         # FID Inception weights ('': torch.hub's cache, as torch-fidelity)
@@ -394,9 +354,13 @@ class SampleConfig:
 GUIDANCE_RULE = "the guidance interval must satisfy 0 <= --guidance-low <= --guidance-high <= 1"
 
 
-def check_args(args):
-    """Values that would otherwise fail late or quietly: one line each, before any loading. The
-    guidance interval's end is checked again once the model sets its default."""
+def parse_args(argv=None):
+    """The flags, and their values that would fail late or quietly, checked before anything is
+    loaded (the defaults that depend on the model are checked once it is)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    repa.add_flags(p, SampleConfig)
+    args = SampleConfig(**vars(p.parse_args(argv)))
     rules = [(bool(args.ckpt) != bool(args.evaluate),
               "give --ckpt CKPT to sample or --evaluate SAMPLES.npz to evaluate (one of them)"),
              (args.fid_ref or not args.evaluate, "--evaluate needs --fid-ref REF"),
@@ -407,32 +371,23 @@ def check_args(args):
              (args.mode in ("", "sde", "ode", "ddpm"),
               f"--mode must be sde, ode or ddpm, got {args.mode!r}"),
              (not args.heun or args.mode == "ode", "--heun applies to the ODE only: add --mode ode"),
-             (min(args.num_steps, args.num_fid_samples, args.resolution, args.encoder_depth) >= 0,
-              "--num-steps, --num-fid-samples, --resolution and --encoder-depth must be at least 0"),
-             (min(args.per_class, args.per_proc_batch_size) >= 1,
-              "--per-class and --per-proc-batch-size must be at least 1"),
-             (args.cfg_scale >= 0, "--cfg-scale must be at least 0"),
-             (0 <= args.guidance_low <= 1 and (args.guidance_high == -1 or
-                                               args.guidance_low <= args.guidance_high <= 1),
-              GUIDANCE_RULE)]
+             (all(v >= 0 for v in (args.num_steps, args.num_fid_samples, args.resolution,
+                                   args.encoder_depth, args.cfg_scale))
+              and min(args.per_class, args.per_proc_batch_size) >= 1,
+              "--num-steps, --num-fid-samples, --resolution, --encoder-depth and --cfg-scale must "
+              "be at least 0, --per-class and --per-proc-batch-size at least 1"),
+             (0 <= args.guidance_low <= (1 if args.guidance_high == -1 else args.guidance_high)
+              <= 1, GUIDANCE_RULE)]
     for ok, message in rules:
         if not ok:
             raise repa.UserError(message)
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    repa.add_flags(p, SampleConfig)
-    return SampleConfig(**vars(p.parse_args(argv)))
+    return args
 
 
 def output_stem(args, solver, info, world):
-    """sample_dir/name, sample_dir by default results/<run>/samples for a checkpoint in
-    results/<run>/checkpoints/, else ./samples. Everything that changes the images is in the
-    name, so a restart with other settings starts a new folder instead of mixing two recipes (the
-    world size and batch fix the seeds)."""
+    """sample_dir/name (by default results/<run>/samples beside the run's checkpoints/, else
+    ./samples). The name holds all that changes the images (world size and batch fix the seeds),
+    so a restart with other settings starts a new folder rather than mixing two recipes."""
     parent = os.path.dirname(os.path.abspath(info["path"]))
     sample_dir = args.sample_dir or (os.path.join(os.path.dirname(parent), "samples") if
                                      os.path.basename(parent) == "checkpoints" else "samples")
@@ -447,16 +402,12 @@ def output_stem(args, solver, info, world):
 
 
 def make_solver(args, model, path_type):
-    """The Solver of the flags, with the defaults that depend on the model: the mode (SiT: sde;
-    DiT: ddpm, its only sampler), the steps (250 for FID; a grid is a preview: 50, 5x cheaper, and
-    the demo's takes seconds) and the end of the guidance interval (SiT: 0.7, the paper's; DiT:
-    1, guidance on every step as in DiT)."""
+    """The Solver of the flags, with the defaults that depend on the model (see SampleConfig)."""
     dit = model.learn_sigma
     mode = args.mode or ("ddpm" if dit else "sde")
     if (mode == "ddpm") != dit:
-        raise repa.UserError("this is a DiT (eps and a learned variance): it samples with --mode "
-                             "ddpm" if dit else "--mode ddpm is DiT's sampler; this is a SiT: use "
-                             "--mode sde or ode")
+        raise repa.UserError(f"this is a {'DiT' if dit else 'SiT'}: it samples with --mode "
+                             f"{'ddpm (eps and a learned variance)' if dit else 'sde or ode'}")
     high = args.guidance_high if args.guidance_high >= 0 else 1.0 if dit else Solver.guidance_high
     if args.guidance_low > high:
         raise repa.UserError(GUIDANCE_RULE)
@@ -515,10 +466,8 @@ def run(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
     try:
-        check_args(args)  # before anything is loaded
-        run(args)
+        run(parse_args(argv))
     except (repa.UserError, evaluation().UserError, FileExistsError, NotADirectoryError) as e:
         print(f"error: {repa.in_words(e)}", file=sys.stderr)
         sys.exit(2)
