@@ -1,9 +1,7 @@
 """
-Sampling for REPA: the ODE and SDE solvers of the official code, with classifier-free guidance and
-its guidance interval, and DiT's DDPM sampler; a labelled PNG grid to look at; 50K images plus
-the `.npz` for FID; and the evaluation of that `.npz` in-process: FID, sFID, Inception Score,
-precision and recall as ADM's suite computes them, on torch-fidelity's port of its TensorFlow
-Inception (no TensorFlow needed).
+Sampling for REPA: the official ODE and SDE solvers with classifier-free guidance and its
+interval, and DiT's DDPM sampler; a labelled PNG grid; 50K images and the `.npz` for FID,
+evaluated in-process as ADM's suite (FID, sFID, IS, precision, recall) by tools/evaluate.py.
 
 The solvers, in the notation of repa.py (t = 0 data, t = 1 noise, x_t = alpha_t x_* + sigma_t eps)
 --------------------------------------------------------------------------------------------------
@@ -29,11 +27,9 @@ The solvers, in the notation of repa.py (t = 0 data, t = 1 noise, x_t = alpha_t 
 Commands
 --------
   python sample.py --ckpt results/demo                 # a labelled grid from the newest checkpoint
-  python sample.py --help                              # every flag, with its default
   torchrun --nproc_per_node=8 sample.py --ckpt C --num-fid-samples 50000   # PNGs + .npz for FID
   torchrun --nproc_per_node=8 sample.py --ckpt C --num-fid-samples 50000 --fid-ref REF.npz
-                                 # ... then FID, sFID, IS, precision and recall against REF, e.g.
-                                 # ADM's VIRTUAL_imagenet256_labeled.npz, or a folder of images
+                  # ... and evaluated against REF: ADM's VIRTUAL_imagenet256_labeled.npz or images
   python sample.py --evaluate SAMPLES.npz --fid-ref REF.npz   # the same for any .npz
   python sample.py --ckpt last.pt --model XL/2 --resolution 256 --encoder-depth 8   # released
   python sample.py --ckpt DiT-XL-2-256x256.pt --model DiT-XL/2 --resolution 256 --cfg-scale 1.5
@@ -44,16 +40,16 @@ sampler (facebookresearch/DiT) to the bit on a CPU; see test_repa.py for the gol
 import argparse
 import math
 import os
-import re
 import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist  # set up by repa.setup_distributed (torchrun env)
+from PIL import Image
+from tqdm import tqdm
 
 import repa
-# the guidance and the grids' pieces that training's preview grids use too live in repa.py
 from repa import GRID_CLASSES, decode, guidance_scale, guided, sample_ddpm, save_grid
 
 VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
@@ -61,21 +57,15 @@ SDE_T_LAST = 0.04  # the SDE's last noisy time; from there one mean step goes to
 
 
 #################################################################################
-#             Guidance (CFG and its interval), and the guided velocity          #
+#          Solvers: ODE (Euler, Heun) and SDE (Euler-Maruyama), with CFG         #
 #################################################################################
 
 def velocity(model, x, t, y, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
              dtype=torch.float32, guide_t=None):
-    """v(x, t | y) in float64, with classifier-free guidance while t is in the guidance interval.
-
-    x is the float64 solver state (B, C, H, W); t a float64 Python float. The model sees x and t
-    cast to `dtype` (the latents' dtype, as in the official samplers: float32 t, not float64) and
-    t broadcast to the batch. `guide_t` is the time at which guidance is decided (default t):
-    the official Heun corrector decides at the step's start t_cur, not at the t_next it evaluates.
-
-    The official SDE guides the drift rather than v, but the drift is affine in v at fixed (x, t),
-    d = a v + b x, and an affine map commutes with u + w (c - u) (its weights 1 - w and w sum to
-    1): guiding v gives the same drift."""
+    """v(x, t | y) in float64 for the float64 state x, guided while `guide_t` (default t) is in
+    the guidance interval. The model sees x and t in `dtype`, the latents' (float32 t, as the
+    official samplers). The official SDE guides its drift, which is affine in v at fixed (x, t);
+    an affine map commutes with u + w (c - u) (weights 1 - w and w), so guiding v is the same."""
     scale = guidance_scale(cfg_scale, t if guide_t is None else guide_t, guidance_low,
                            guidance_high)
     t_batch = torch.full((x.shape[0],), t, dtype=dtype, device=x.device)
@@ -83,8 +73,7 @@ def velocity(model, x, t, y, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
 
 
 def score(v, x, t, path_type="linear"):
-    """grad_x log p_t(x) from the velocity (float64), using the path of repa.interpolant.
-
+    """grad_x log p_t(x) from the velocity (float64), using the path of repa.interpolant:
     x = alpha E[x_*|x] + sigma E[eps|x] and v = alpha' E[x_*|x] + sigma' E[eps|x]; eliminating
     E[x_*|x] gives r v - x = (r sigma' - sigma) E[eps|x] with r = alpha / alpha', and the score of
     a Gaussian perturbation is -E[eps|x] / sigma. Linear path: s = ((t - 1) v - x) / t."""
@@ -94,75 +83,48 @@ def score(v, x, t, path_type="linear"):
     return (ratio * v - x) / (sigma ** 2 - ratio * d_sigma * sigma)
 
 
-#################################################################################
-#                    Solvers: ODE (Euler, Heun) and SDE (Euler-Maruyama)         #
-#################################################################################
-
 @torch.no_grad()
 def sample_ode(model, z, y, num_steps=50, heun=False, cfg_scale=1.0, guidance_low=0.0,
                guidance_high=1.0, path_type="linear"):
-    """Integrate dx = v dt from noise z (t = 1) to data (t = 0); returns float64 (B, C, H, W).
-
-    path_type is not needed: the ODE only follows v, which the model gives for its own path
-    (the official sampler ignores it too); it is checked and accepted so both solvers share one
-    signature. The state stays float64 throughout, so 250 small steps add no rounding drift."""
-    repa.interpolant(torch.zeros(()), path_type)  # an unknown path is an error, not ignored
+    """dx = v dt from noise z (t = 1) to data (t = 0) in float64, so that 250 small steps add no
+    rounding drift. v is the model's, on its own path: path_type goes unused (as official)."""
     v = lambda x, t, **kw: velocity(model, x, t, y, cfg_scale, guidance_low, guidance_high,
                                     z.dtype, **kw)
     ts = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist()
     x = z.to(torch.float64)
     for i, (t_cur, t_next) in enumerate(zip(ts[:-1], ts[1:])):
         d = v(x, t_cur)
-        x_next = x + (t_next - t_cur) * d                        # Euler predictor
         if heun and i < num_steps - 1:
-            # trapezoid rule: average the slopes at both ends (second order). The last step
-            # would evaluate v at t = 0 exactly, so it stays Euler. Guidance of the corrector
-            # is decided at t_cur (official), so the two slopes always agree on being guided.
-            d_next = v(x_next, t_next, guide_t=t_cur)
-            x_next = x + (t_next - t_cur) * (0.5 * d + 0.5 * d_next)
-        x = x_next
+            # the last step would evaluate v at t = 0, so it stays Euler; the corrector's
+            # guidance is decided at t_cur (official), so both slopes agree on being guided
+            d = 0.5 * d + 0.5 * v(x + (t_next - t_cur) * d, t_next, guide_t=t_cur)
+        x = x + (t_next - t_cur) * d
     return x
 
 
 @torch.no_grad()
 def sample_sde(model, z, y, num_steps=50, heun=False, cfg_scale=1.0, guidance_low=0.0,
                guidance_high=1.0, path_type="linear", generator=None):
-    """Euler-Maruyama on the reverse SDE dx = [v - t s] dt + sqrt(2t) dW from z (t = 1) to t = 0;
-    returns float64 (B, C, H, W).
+    """Euler-Maruyama on dx = [v - t s] dt + sqrt(2t) dW from noise z (t = 1) to data, float64.
+    Each noisy step draws eps ~ N(0, I) *before* the model call, from `generator` (the global RNG
+    when None), as the official sampler, whose signature has heun too (ignored)."""
+    def drift(x, t):  # v - (w / 2) s with the diffusion coefficient w = 2t
+        v = velocity(model, x, t, y, cfg_scale, guidance_low, guidance_high, z.dtype)
+        return v - 0.5 * (2 * t) * score(v, x, t, path_type)
 
-    Grid: linspace(1, 0.04, num_steps) then 0: num_steps - 1 noisy steps and a final mean step.
-    Each noisy step draws eps ~ N(0, I) of the latent's shape in float64 *before* the model call,
-    from `generator` (the global RNG when None), so a seeded run equals the official one.
-    heun is accepted (the official signature has it) but Euler-Maruyama has no corrector."""
-    if heun:
-        raise repa.UserError("heun applies to the ODE only (mode ode)")
-    ts = torch.cat([torch.linspace(1, SDE_T_LAST, num_steps, dtype=torch.float64),
-                    torch.zeros(1, dtype=torch.float64)]).tolist()
+    ts = torch.linspace(1, SDE_T_LAST, num_steps, dtype=torch.float64).tolist()
     x = z.to(torch.float64)
-    for i, (t_cur, t_next) in enumerate(zip(ts[:-1], ts[1:])):
-        dt = t_next - t_cur                                      # negative: time runs backwards
-        noisy = i < num_steps - 1
-        if noisy:
-            eps = torch.randn(x.shape, generator=generator, dtype=torch.float64, device=x.device)
-        v = velocity(model, x, t_cur, y, cfg_scale, guidance_low, guidance_high, z.dtype)
-        w = 2 * t_cur                                            # diffusion coefficient w(t)
-        drift = v - 0.5 * w * score(v, x, t_cur, path_type)
-        if noisy:  # the noise enters as sqrt(w) dW, with dW = eps sqrt(|dt|)
-            x = x + drift * dt + math.sqrt(w) * (eps * math.sqrt(abs(dt)))
-        else:      # 0.04 -> 0: the mean of the transition only, a final denoising step
-            x = x + dt * drift
-    return x
+    for t_cur, t_next in zip(ts[:-1], ts[1:]):
+        eps = torch.randn(x.shape, generator=generator, dtype=torch.float64, device=x.device)
+        dt = t_next - t_cur  # negative: time runs backwards; dW = eps sqrt(|dt|)
+        x = x + drift(x, t_cur) * dt + math.sqrt(2 * t_cur) * (eps * math.sqrt(abs(dt)))
+    return x + (0.0 - ts[-1]) * drift(x, ts[-1])
 
-
-#################################################################################
-#         DiT's sampler: ancestral steps of the improved DDPM (learned variance)  #
-#################################################################################
 
 @dataclass(frozen=True)
 class Solver:
-    """A sampling recipe: which solver, how many steps, and the guidance. Calling it solves from
-    noise z to data for labels y; `generator` feeds the SDE's and the DDPM's noise. Modes sde and
-    ode are for SiT (velocity), ddpm for DiT (eps and variance)."""
+    """A sampling recipe, by default the paper's FID 1.42 one: sde and ode for a SiT (velocity),
+    ddpm for a DiT (eps and variance). `generator` feeds the SDE's and the DDPM's noise."""
     mode: str = "sde"
     num_steps: int = 250
     heun: bool = False
@@ -172,61 +134,47 @@ class Solver:
     path_type: str = "linear"
 
     def __call__(self, model, z, y, generator=None):
+        guidance = (self.cfg_scale, self.guidance_low, self.guidance_high)
         if self.mode == "ddpm":
-            return sample_ddpm(model, z, y, self.num_steps, self.cfg_scale, self.guidance_low,
-                               self.guidance_high, generator)
-        kwargs = dict(num_steps=self.num_steps, heun=self.heun, cfg_scale=self.cfg_scale,
-                      guidance_low=self.guidance_low, guidance_high=self.guidance_high,
-                      path_type=self.path_type)
-        if self.mode == "sde":
-            return sample_sde(model, z, y, generator=generator, **kwargs)
-        return sample_ode(model, z, y, **kwargs)
+            return sample_ddpm(model, z, y, self.num_steps, *guidance, generator)
+        args = (model, z, y, self.num_steps, self.heun, *guidance, self.path_type)
+        return sample_sde(*args, generator) if self.mode == "sde" else sample_ode(*args)
 
 
 #################################################################################
 #         Checkpoints: one small reader per format, one way to build the model   #
 #################################################################################
-# Each reader takes the loaded file and returns (model_kwargs, state_dict, cfg): the exact
-# repa.SiT(...) call, the weights, and the settings a user may also give as flags (`OVERRIDES`).
-OVERRIDES = ("model", "resolution", "encoder_depth", "path_type", "num_classes", "qk_norm")
-PLAIN_MODEL = "XL/2"  # the released last.pt; the official generate.py's defaults: 256 px, linear
-# (for a DiT state dict, DiT-XL/2: the released DiT-XL-2-256x256.pt and -512x512.pt)
+# A plain state dict is by default the released last.pt (a DiT's: DiT-XL/2), at 256 px (official)
+PLAIN_MODEL, PLAIN_RESOLUTION = "XL/2", 256
 
 
 def _merge(stored, overrides):
-    """The checkpoint's settings, with command-line values filling what it does not store. A flag
-    that contradicts the checkpoint is an error: a wrong size or path would only give noise."""
-    cfg = dict(stored)
-    norm = lambda k, v: v.removeprefix("SiT-") if k == "model" and isinstance(v, str) else v
+    """The checkpoint's settings, with flags ('' and 0: unset) filling what it does not store. A
+    flag that contradicts the checkpoint is an error: a wrong size or path would only give noise."""
+    norm = lambda k, v: v.removeprefix("SiT-") if k == "model" else v
     for k, v in overrides.items():
-        if v is None:
-            continue
-        if cfg.get(k) is not None and norm(k, cfg[k]) != norm(k, v):
+        if v and stored.get(k) is not None and norm(k, stored[k]) != norm(k, v):
             raise repa.UserError(f"--{k.replace('_', '-')} {v} disagrees with the checkpoint, "
-                                 f"which stores {k}={cfg[k]}; drop the flag")
-        cfg[k] = v
-    return cfg
+                                 f"which stores {k}={stored[k]}; drop the flag")
+    return {**stored, **{k: v for k, v in overrides.items() if v}}
 
 
 def read_ours(ckpt, weights, overrides):
     """repa.py's checkpoints: `model_kwargs` is the exact SiT(...) call (in_channels 3 means
     pixel space, no VAE); the size and resolution it implies are named to check flags against."""
     kwargs, args = dict(ckpt["model_kwargs"]), dict(ckpt.get("args") or {})
-    size = next((name for name, sz in repa.SIZES.items() if all(  # SiT sizes: learn_sigma False
+    size = next((name for name, sz in repa.SIZES.items() if all(
         kwargs.get(k, False) == v for k, v in {"learn_sigma": False, **sz}.items()
         if k != "encoder_depth")), None)
     pixels = kwargs["input_size"] * (1 if kwargs["in_channels"] == 3 else repa.VAE_DOWNSAMPLE)
-    stored = {k: kwargs.get(k) for k in ("encoder_depth", "num_classes", "qk_norm")}
-    cfg = _merge(dict(stored, model=size, resolution=pixels, path_type=args.get("path_type")),
-                 overrides)
+    cfg = _merge(dict(model=size, resolution=pixels, encoder_depth=kwargs.get("encoder_depth"),
+                      path_type=args.get("path_type")), overrides)
     return kwargs, ckpt[weights], cfg
 
 
 def official_kwargs(cfg, state_dict):
-    """repa.SiT kwargs for an official checkpoint. The encoder widths and the projector width come
-    from the projector weights (the file stores only the encoder's name, and the official
-    generate.py's default widths do not fit the released model); the null label row exists only
-    if the model was trained with label dropout."""
+    """repa.SiT kwargs for an official checkpoint: encoder and projector widths from the projector
+    weights (the official defaults do not fit the released model), and the label table's rows."""
     layers = {}  # projector k -> {layer index: weight}
     for key, value in state_dict.items():
         parts = key.removeprefix("module.").split(".")
@@ -234,36 +182,33 @@ def official_kwargs(cfg, state_dict):
             layers.setdefault(int(parts[1]), {})[int(parts[2])] = value
     z_dims = [w[max(w)].shape[0] for _, w in sorted(layers.items())]
     projector_dim = layers[0][min(layers[0])].shape[0] if layers else repa.PROJECTOR_DIM
-    num_classes = cfg.get("num_classes") or repa.NUM_CLASSES
     rows = next((v.shape[0] for k, v in state_dict.items()
-                 if k.endswith("embedding_table.weight")), num_classes + 1)
+                 if k.endswith("embedding_table.weight")), None)  # classes (+ 1: null label)
+    num_classes = cfg.get("num_classes") or (rows - 1 if rows else repa.NUM_CLASSES)
     size = repa.size_config(cfg["model"])
-    return dict(size, input_size=(cfg.get("resolution") or 256) // repa.VAE_DOWNSAMPLE,
+    return dict(size, input_size=cfg["resolution"] // repa.VAE_DOWNSAMPLE,
                 encoder_depth=cfg.get("encoder_depth") or size["encoder_depth"],
                 num_classes=num_classes, qk_norm=bool(cfg.get("qk_norm")), z_dims=z_dims,
                 projector_dim=projector_dim,
-                class_dropout_prob=repa.CLASS_DROPOUT if rows > num_classes else 0.0)
+                class_dropout_prob=repa.CLASS_DROPOUT if rows != num_classes else 0.0)
 
 
 def read_official(ckpt, weights, overrides):
     """The official train.py's {"model", "ema", "opt", "args" (argparse.Namespace), "steps"}."""
     args = vars(ckpt["args"])
-    cfg = _merge({k: args.get(k) for k in OVERRIDES}, overrides)
+    cfg = _merge({k: args.get(k) for k in (*overrides, "num_classes", "qk_norm")}, overrides)
     return official_kwargs(cfg, ckpt[weights]), ckpt[weights], cfg
 
 
 def read_plain(ckpt, weights, overrides):
-    """A bare state dict: the released REPA XL/2 last.pt (legacy `decoder_blocks.*` keys) or an
-    official DiT checkpoint. The class count, qk-norm and DiT's learned variance (a final layer
-    twice as wide as a patch) are read from the weights; the size comes from the flags."""
+    """A bare state dict (the released last.pt, or DiT's): qk-norm and DiT's learned variance (a
+    final layer twice as wide as a patch) from the weights, the size from the flags."""
     find = lambda suffix: next((v for k, v in ckpt.items() if k.endswith(suffix)), None)
-    table, patch, final = (find(k) for k in ("embedding_table.weight", "x_embedder.proj.weight",
-                                             "final_layer.linear.weight"))
+    patch, final = find("x_embedder.proj.weight"), find("final_layer.linear.weight")
     dit = patch is not None and final is not None and final.shape[0] == 2 * patch[0].numel()
-    inferred = dict(num_classes=None if table is None else table.shape[0] - 1,
-                    qk_norm=any(".attn.q_norm." in k for k in ckpt))
-    cfg = _merge(dict(inferred, model=None), overrides)
-    cfg["model"] = cfg["model"] or ("DiT-" if dit else "") + PLAIN_MODEL
+    cfg = dict(overrides, model=overrides["model"] or ("DiT-" if dit else "") + PLAIN_MODEL,
+               resolution=overrides["resolution"] or PLAIN_RESOLUTION,
+               qk_norm=any(".attn.q_norm." in k for k in ckpt))
     if repa.size_config(cfg["model"]).get("learn_sigma", False) != dit:
         size = cfg["model"].removeprefix("SiT-").removeprefix("DiT-")
         kind = "DiT (eps and a learned variance)" if dit else "SiT"
@@ -272,133 +217,100 @@ def read_plain(ckpt, weights, overrides):
     return official_kwargs(cfg, ckpt), ckpt, cfg
 
 
-def read_format(ckpt):
-    """(name, reader) for a loaded checkpoint, or one clear error."""
-    if isinstance(ckpt, dict) and "model_kwargs" in ckpt:
-        return "ours", read_ours
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), argparse.Namespace):
-        return "official", read_official
-    if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
-        return "plain", read_plain
-    raise repa.UserError("it is not a SiT checkpoint: expected ours or an official REPA "
-                         "checkpoint ('ema', 'args', ...) or a state dict of tensors")
-
-
-def load_checkpoint(path, device="cpu", use_ema=True, **overrides):
-    """(model in eval mode on `device`, info) from our checkpoints, the official ones, or a plain
-    state dict; `path` may also be a run folder (results/<run>) or its checkpoints/ (the newest).
-
-    overrides: model, resolution, encoder_depth, path_type, num_classes, qk_norm (None = unset).
-    info: path (the file read), format, path_type, pixel_space, input_size (the model's),
-    resolution (the images'), num_classes, steps, class_names (None where it stores none)."""
-    unknown = set(overrides) - set(OVERRIDES)
-    if unknown:
-        raise TypeError(f"unknown overrides {sorted(unknown)}; choose from {OVERRIDES}")
+def load_checkpoint(path, device="cpu", use_ema=True, model="", resolution=0, encoder_depth=0,
+                    path_type=""):
+    """(model in eval mode on `device`, info) from ours, an official checkpoint or a state dict,
+    in a file, a run folder or its checkpoints/ (the newest); model ... path_type as the flags.
+    info: path, format, path_type, pixel_space, input_size, resolution, steps, class_names."""
     path = repa.checkpoint_in(path)
     ckpt = repa.load_checkpoint(path)  # weights_only, memory-mapped; one line if unreadable
-    try:
-        fmt, reader = read_format(ckpt)
-    except repa.UserError as e:
-        raise repa.UserError(f"{path}: {e}") from None
-    kwargs, state_dict, cfg = reader(ckpt, "ema" if use_ema else "model", overrides)
+    found = ckpt if isinstance(ckpt, dict) else {}
+    fmt, reader = (("ours", read_ours) if "model_kwargs" in found else
+                   ("official", read_official) if isinstance(found.get("args"), argparse.Namespace)
+                   else ("plain", read_plain) if found and all(map(torch.is_tensor, found.values()))
+                   else (None, None))
+    if reader is None:
+        raise repa.UserError(f"{path}: it is not a SiT checkpoint: expected ours or an official "
+                             f"REPA checkpoint ('ema', 'args', ...) or a state dict of tensors")
+    kwargs, state_dict, cfg = reader(ckpt, "ema" if use_ema else "model", dict(
+        model=model, resolution=resolution, encoder_depth=encoder_depth, path_type=path_type))
+    path_type = cfg.get("path_type") or "linear"
+    repa.interpolant(torch.zeros(()), path_type)  # an unknown path fails here, not while sampling
     with torch.device(device):  # initialised where it runs: XL/2's init takes a while on a CPU
         model = repa.SiT(**kwargs)
     repa.load_sit_weights(model, state_dict)  # strict; one clear line when it does not fit
-    info = dict(path=path, format=fmt, path_type=cfg.get("path_type") or "linear",
-                pixel_space=model.in_channels == 3, input_size=kwargs["input_size"],
-                resolution=cfg.get("resolution") or 256, num_classes=model.num_classes,
-                steps=ckpt.get("steps") if fmt != "plain" else None,
-                class_names=ckpt.get("class_names"))
+    info = dict(path=path, format=fmt, path_type=path_type, pixel_space=model.in_channels == 3,
+                input_size=kwargs["input_size"], resolution=cfg["resolution"],
+                steps=found.get("steps"),
+                class_names=found.get("class_names") or list(range(model.num_classes)))
     return model.eval().requires_grad_(False), info
 
 
 #################################################################################
-#                    Images: decode, uint8, grid, FID folder                     #
+#                  Images: batches, PNGs and the FID folder                      #
 #################################################################################
 
 def generate(model, vae, labels, generator, solver, input_size):
-    """One batch: draw z from `generator`, solve, decode. Returns uint8 (B, H, W, 3). The SDE's
-    noise comes from the same generator, so z and the noise are one stream."""
+    """uint8 (B, H, W, 3): z and then the solver's noise drawn from `generator`, one stream."""
     z = torch.randn((len(labels), model.in_channels, input_size, input_size),
                     generator=generator, device=labels.device)
     return decode(solver(model, z, labels, generator), vae)
 
 
 def save_png(image, path):
-    """Written atomically, so that a killed run never leaves a truncated PNG that a restart would
-    take as done."""
-    from PIL import Image
+    """Atomic: a killed run leaves no truncated PNG that a restart would take as done."""
     repa.atomic_write(path, lambda f: Image.fromarray(image.numpy()).save(f, format="PNG"))
 
 
 def write_npz(folder, num):
     """The ADM evaluation suite's input: arr_0 = uint8 (N, H, W, 3), images 0 .. N-1 in order."""
-    from PIL import Image
-    from tqdm import tqdm
-    missing = [i for i in range(num) if not os.path.isfile(f"{folder}/{i:06d}.png")]
-    if missing:
-        raise repa.UserError(f"{len(missing)} images are missing in {folder} (first "
-                             f"{missing[0]:06d}.png); run the same command again to finish them")
     def read(i):
         try:
             return np.asarray(Image.open(f"{folder}/{i:06d}.png").convert("RGB"))
-        except (OSError, ValueError) as e:  # written atomically by us: damaged since
-            raise repa.UserError(f"{folder}/{i:06d}.png cannot be read ({e}): delete it, and "
-                                 f"the same command samples it again") from None
-    first = read(0)
-    arr = np.empty((num, *first.shape), dtype=np.uint8)  # preallocated: 50K x 256^2 x 3 = 9.8 GB
+        except (OSError, ValueError) as e:  # missing (on another node's disk) or damaged
+            raise repa.UserError(f"{folder}/{i:06d}.png cannot be read ({e}): delete it if it "
+                                 f"is there, and the same command samples it again") from None
+    arr = np.empty((num, *read(0).shape), dtype=np.uint8)  # preallocated: 50K x 256^2 x 3 = 9.8 GB
     for i in tqdm(range(num), desc="building .npz"):
         arr[i] = read(i)
     repa.atomic_write(f"{folder}.npz", lambda f: np.savez(f, arr_0=arr))
-    return f"{folder}.npz"
+    print(f"wrote {folder}.npz ({num} images)")
 
 
 def sample_fid(model, vae, info, solver, num, batch, global_seed, folder):
-    """Write {index:06d}.png for index < num into `folder` across ranks; rank 0 then writes the
-    .npz, whose path every rank returns.
-
-    Layout and seeds follow the official generate.py: batch k of rank r holds the indices
-    k G + i W + r (G = n W, i < n), and the rank's RNG is seeded with global_seed * W + r. That
-    seed draws one seed per batch, so a batch's images do not depend on the batches before it:
-    a restart redoes only the batches with a missing PNG and gets the very same images.
-    Classes are balanced (index i has class i mod num_classes), unlike the official random ones."""
-    from tqdm import tqdm
+    """{index:06d}.png for index < num in `folder` across ranks, then `folder`.npz. As the official
+    generate.py, batch k of rank r holds the indices k G + i W + r (G = n W, i < n); the rank's
+    RNG draws one seed per batch, so a restart redoes only the batches with a missing PNG, to the
+    same images. Classes are balanced (index i has class i mod num_classes), not random."""
     rank, world, device = repa.setup_distributed()
     stride = batch * world
     batches = math.ceil(num / stride)  # the last batch may run past N: those images are dropped
-    if rank == 0:
-        os.makedirs(folder, exist_ok=True)
-    repa.barrier()
+    os.makedirs(folder, exist_ok=True)  # each rank lists and writes only its own PNGs
     done = set(os.listdir(folder))  # one listing, not 50K stat calls on a network disk
     seeds = torch.randint(2 ** 62, (batches,), generator=torch.Generator().manual_seed(
         global_seed * world + rank)).tolist()
-    todo = []  # whole batches are redone (deterministic), but only missing PNGs are written
-    for k in range(batches):
-        index = [k * stride + i * world + rank for i in range(batch)]
-        if any(j < num and f"{j:06d}.png" not in done for j in index):
-            todo.append((k, index))
+    index = lambda k: [k * stride + i * world + rank for i in range(batch)]
+    todo = [k for k in range(batches)  # whole batches are redone, only missing PNGs written
+            if any(j < num and f"{j:06d}.png" not in done for j in index(k))]
     count = torch.tensor([len(todo)], device=device)  # on the GPU for NCCL, the CPU for gloo
     if dist.is_initialized():
         dist.all_reduce(count)  # only for the message: each rank works through its own list
     repa.print0(f"{folder}: {sum(f.endswith('.png') for f in done)} of {num} images on disk, "
                 f"sampling {count.item()} batches of {world} x {batch}")
-    for k, index in tqdm(todo, desc=f"rank 0 of {world}", unit="batch", disable=rank != 0):
+    for k in tqdm(todo, desc=f"rank 0 of {world}", unit="batch", disable=rank != 0):
         generator = torch.Generator(device).manual_seed(seeds[k])
-        labels = torch.tensor([j % model.num_classes for j in index], device=device)
+        labels = torch.tensor([j % model.num_classes for j in index(k)], device=device)
         images = generate(model, vae, labels, generator, solver, info["input_size"])
-        for j, image in zip(index, images):
+        for j, image in zip(index(k), images):
             if j < num and f"{j:06d}.png" not in done:
                 save_png(image, f"{folder}/{j:06d}.png")
     repa.barrier()  # every rank has written its PNGs; no barrier after: the .npz can take minutes
     if rank == 0:
-        path = write_npz(folder, num)
-        print(f"wrote {path} ({num} images)")
-    return f"{folder}.npz"
+        write_npz(folder, num)
 
 
 def evaluation():
-    """tools/evaluate.py (ADM's suite), which imports nothing of this project: for --fid-ref and
-    --evaluate."""
+    """tools/evaluate.py (ADM's suite; it imports nothing of ours), for --fid-ref and --evaluate."""
     tools = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools")
     if tools not in sys.path:
         sys.path.insert(0, tools)
@@ -420,14 +332,12 @@ class SampleConfig:
     resolution: int = 0         # image pixels (plain state dicts: 256)
     encoder_depth: int = 0      # aligned block (plain state dicts: the size table's)
     path_type: str = ""         # linear | cosine (default: the checkpoint's, else linear)
-    # the solver; the defaults are the paper's FID 1.42 recipe (SiT), DiT's sampler for a DiT
     mode: str = ""              # SiT: sde (default) | ode (Euler, or Heun); DiT: ddpm (its own)
     num_steps: int = 0          # 0: 250 for FID (the paper's), 50 for a grid (a quick look)
     heun: bool = False          # Heun's corrector on the ODE (2N - 1 model calls)
-    cfg_scale: float = 1.8      # classifier-free guidance scale; 1 turns guidance off
+    cfg_scale: float = Solver.cfg_scale  # classifier-free guidance scale; 1 turns guidance off
     guidance_low: float = 0.0   # guide only while guidance_low <= t <= guidance_high (t = 0 data)
     guidance_high: float = -1.0  # -1: 0.7 for SiT (the paper's), 1 for DiT (t = timestep / 1000)
-    # the output
     vae: str = "ema"            # ema | mse (stabilityai/sd-vae-ft-*), a HF name or a local folder
     global_seed: int = 0        # rank r of W is seeded with global_seed * W + r (official)
     per_proc_batch_size: int = 32  # images per model call on each process
@@ -436,7 +346,6 @@ class SampleConfig:
     per_class: int = 4          # grid columns: images per class
     sample_dir: str = ""        # default: results/<run>/samples next to the checkpoint, else ./samples
     tf32: bool = True           # TF32 matmuls on GPUs (official default): faster, ~1e-3 relative
-    # the evaluation, ADM's suite in-process: FID, sFID, IS, precision/recall
     fid_ref: str = ""           # ADM's reference .npz (arr_0; mu, sigma, mu_s, sigma_s) or images
     evaluate: str = ""          # evaluate this .npz (arr_0) against --fid-ref, instead of sampling
     inception: str = ""         # FID Inception weights ('': torch.hub's cache, as torch-fidelity)
@@ -445,90 +354,64 @@ class SampleConfig:
 GUIDANCE_RULE = "the guidance interval must satisfy 0 <= --guidance-low <= --guidance-high <= 1"
 
 
-def check_args(args):
-    """Values that would otherwise fail late or quietly: one line each, before any loading."""
+def parse_args(argv=None):
+    """The flags, and their values that would fail late or quietly, checked before anything is
+    loaded (the defaults that depend on the model are checked once it is)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    repa.add_flags(p, SampleConfig)
+    args = SampleConfig(**vars(p.parse_args(argv)))
     rules = [(bool(args.ckpt) != bool(args.evaluate),
               "give --ckpt CKPT to sample or --evaluate SAMPLES.npz to evaluate (one of them)"),
              (args.fid_ref or not args.evaluate, "--evaluate needs --fid-ref REF"),
              (not args.fid_ref or args.evaluate or args.num_fid_samples,
               "--fid-ref evaluates the samples of --num-fid-samples N (or of --evaluate)"),
-             (re.fullmatch(r"(\d+,)*\d+", args.classes) or not args.classes,
+             (all(c.isdecimal() for c in args.classes.split(",")) or not args.classes,
               f"--classes must be class numbers separated by commas, got {args.classes!r}"),
              (args.mode in ("", "sde", "ode", "ddpm"),
               f"--mode must be sde, ode or ddpm, got {args.mode!r}"),
-             (args.path_type in ("",) + repa.PATH_TYPES,
-              f"--path-type must be one of {', '.join(repa.PATH_TYPES)}"),
              (not args.heun or args.mode == "ode", "--heun applies to the ODE only: add --mode ode"),
-             (args.num_steps >= 0 and args.num_fid_samples >= 0 and args.resolution >= 0 and
-              args.encoder_depth >= 0, "--num-steps, --num-fid-samples, --resolution and "
-              "--encoder-depth must be at least 0"),
-             (args.per_class >= 1 and args.per_proc_batch_size >= 1,
-              "--per-class and --per-proc-batch-size must be at least 1"),
-             (args.cfg_scale >= 0, "--cfg-scale must be at least 0"),
-             (0 <= args.guidance_low <= 1 and (args.guidance_high == -1 or
-                                               args.guidance_low <= args.guidance_high <= 1),
-              GUIDANCE_RULE)]
+             (all(v >= 0 for v in (args.num_steps, args.num_fid_samples, args.resolution,
+                                   args.encoder_depth, args.cfg_scale))
+              and min(args.per_class, args.per_proc_batch_size) >= 1,
+              "--num-steps, --num-fid-samples, --resolution, --encoder-depth and --cfg-scale must "
+              "be at least 0, --per-class and --per-proc-batch-size at least 1"),
+             (0 <= args.guidance_low <= (1 if args.guidance_high == -1 else args.guidance_high)
+              <= 1, GUIDANCE_RULE)]
     for ok, message in rules:
         if not ok:
             raise repa.UserError(message)
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    repa.add_flags(p, SampleConfig)
-    args = SampleConfig(**vars(p.parse_args(argv)))
-    try:
-        check_args(args)
-    except repa.UserError as e:  # one line, without argparse's usage block
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     return args
 
 
-def default_sample_dir(ckpt):
-    """results/<run>/samples for a checkpoint in results/<run>/checkpoints/, else ./samples."""
-    parent = os.path.dirname(os.path.abspath(ckpt))
-    if os.path.basename(parent) == "checkpoints":
-        return os.path.join(os.path.dirname(parent), "samples")
-    return "samples"
-
-
-def run_name(args, solver, info, world):
-    """Everything that changes the images is in the name, so a restart with other settings starts
-    a new folder instead of mixing two recipes (the world size and batch fix the seeds)."""
+def output_stem(args, solver, info, world):
+    """sample_dir/name (by default results/<run>/samples beside the run's checkpoints/, else
+    ./samples). The name holds all that changes the images (world size and batch fix the seeds),
+    so a restart with other settings starts a new folder rather than mixing two recipes."""
+    parent = os.path.dirname(os.path.abspath(info["path"]))
+    sample_dir = args.sample_dir or (os.path.join(os.path.dirname(parent), "samples") if
+                                     os.path.basename(parent) == "checkpoints" else "samples")
     stem = os.path.splitext(os.path.basename(info["path"]))[0]
     steps = f"-s{info['steps']}" if info["steps"] is not None else ""
     vae = "" if info["pixel_space"] else f"-vae-{os.path.basename(os.path.normpath(args.vae))}"
-    heun = "-heun" if solver.heun else ""
-    return (f"{stem}{steps}-{'ema' if args.ema else 'raw'}{vae}-{solver.mode}{solver.num_steps}"
-            f"{heun}-cfg{solver.cfg_scale}-{solver.guidance_low}-{solver.guidance_high}-"
-            f"{solver.path_type}-seed{args.global_seed}-{world}x{args.per_proc_batch_size}")
-
-
-def class_names(info, classes):
-    """The names the checkpoint stores for its classes (a data set that names them), else the
-    ids."""
-    names = info["class_names"]
-    return [names[c] for c in classes] if names else classes
+    return os.path.join(sample_dir, (
+        f"{stem}{steps}-{'ema' if args.ema else 'raw'}{vae}-{solver.mode}{solver.num_steps}"
+        f"{'-heun' if solver.heun else ''}-cfg{solver.cfg_scale}-{solver.guidance_low}-"
+        f"{solver.guidance_high}-{solver.path_type}-seed{args.global_seed}-{world}x"
+        f"{args.per_proc_batch_size}"))
 
 
 def make_solver(args, model, path_type):
-    """The Solver of the flags, with the defaults that depend on the model: the mode (SiT: sde;
-    DiT: ddpm, its only sampler), the steps (250 for FID; a grid is a preview: 50, 5x cheaper, and
-    the demo's takes seconds) and the end of the guidance interval (SiT: 0.7, the paper's; DiT:
-    1, guidance on every step as in DiT)."""
+    """The Solver of the flags, with the defaults that depend on the model (see SampleConfig)."""
     dit = model.learn_sigma
     mode = args.mode or ("ddpm" if dit else "sde")
     if (mode == "ddpm") != dit:
-        raise repa.UserError("this is a DiT (eps and a learned variance): it samples with --mode "
-                             "ddpm" if dit else "--mode ddpm is DiT's sampler; this is a SiT: use "
-                             "--mode sde or ode")
-    high = args.guidance_high if args.guidance_high >= 0 else 1.0 if dit else 0.7
+        raise repa.UserError(f"this is a {'DiT' if dit else 'SiT'}: it samples with --mode "
+                             f"{'ddpm (eps and a learned variance)' if dit else 'sde or ode'}")
+    high = args.guidance_high if args.guidance_high >= 0 else 1.0 if dit else Solver.guidance_high
     if args.guidance_low > high:
         raise repa.UserError(GUIDANCE_RULE)
-    steps = args.num_steps or (250 if args.num_fid_samples else 50)
+    steps = args.num_steps or (Solver.num_steps if args.num_fid_samples else 50)
     return Solver(mode, steps, args.heun, args.cfg_scale, args.guidance_low, high, path_type)
 
 
@@ -537,13 +420,10 @@ def run(args):
     torch.backends.cuda.matmul.allow_tf32 = args.tf32  # as the official generate.py (CUDA only)
     rank, world, device = repa.setup_distributed()  # NCCL on GPUs, gloo on CPUs, or none
     if args.evaluate:  # an .npz from anywhere (ours, the official code's, a peer's): no model
-        evaluation().evaluate(args.evaluate, args.fid_ref, args.inception,
-                              args.per_proc_batch_size)
-        return
-    model, info = load_checkpoint(
-        args.ckpt, device, use_ema=args.ema, model=args.model or None,
-        resolution=args.resolution or None, encoder_depth=args.encoder_depth or None,
-        path_type=args.path_type or None)
+        return evaluation().evaluate(args.evaluate, args.fid_ref, args.inception,
+                                     args.per_proc_batch_size)
+    model, info = load_checkpoint(args.ckpt, device, args.ema, args.model, args.resolution,
+                                  args.encoder_depth, args.path_type)
     if args.fid_ref:  # a bad reference fails now, not after hours of sampling; missing weights
         evaluation().check_evaluation(None, args.fid_ref, info["resolution"])  # the weights
         if evaluation().inception_weights(args.inception) is None:  # can be fetched meanwhile
@@ -555,18 +435,18 @@ def run(args):
     solver = make_solver(args, model, info["path_type"])
     # samples are decoded with ft-ema (official), although the latents were made with ft-mse
     vae = None if info["pixel_space"] else repa.load_vae(VAES.get(args.vae, args.vae), device)
-    sample_dir = args.sample_dir or default_sample_dir(info["path"])
-    name = run_name(args, solver, info, world)
+    stem = output_stem(args, solver, info, world)
     if args.num_fid_samples:
-        npz = sample_fid(model, vae, info, solver, args.num_fid_samples,
-                         args.per_proc_batch_size, args.global_seed, os.path.join(sample_dir, name))
+        sample_fid(model, vae, info, solver, args.num_fid_samples, args.per_proc_batch_size,
+                   args.global_seed, stem)
         if args.fid_ref:
             repa.barrier()  # rank 0 has written the .npz
             try:
-                evaluation().evaluate(npz, args.fid_ref, args.inception, args.per_proc_batch_size)
+                evaluation().evaluate(f"{stem}.npz", args.fid_ref, args.inception,
+                                      args.per_proc_batch_size)
             except evaluation().UserError as e:  # exit 2: no numbers; but the samples are safe
                 raise repa.UserError(f"{e}; the samples are kept, evaluate them with: python "
-                                     f"sample.py --evaluate {npz} --fid-ref {args.fid_ref}")
+                                     f"sample.py --evaluate {stem}.npz --fid-ref {args.fid_ref}")
     elif rank == 0:  # a grid is one process's work
         classes = ([int(c) for c in args.classes.split(",")] if args.classes else
                    GRID_CLASSES if model.num_classes == repa.NUM_CLASSES else
@@ -580,15 +460,14 @@ def run(args):
         images = torch.cat([generate(model, vae, chunk, generator, solver, info["input_size"])
                             for chunk in labels.split(args.per_proc_batch_size)])
         shown = f"-classes{'_'.join(map(str, classes))}" if args.classes else ""
-        path = os.path.join(sample_dir, f"{name}{shown}-x{args.per_class}-grid.png")
-        save_grid(images, class_names(info, classes), path)
+        path = f"{stem}{shown}-x{args.per_class}-grid.png"
+        save_grid(images, [info["class_names"][c] for c in classes], path)
         print(f"wrote {path} ({len(classes)} classes x {args.per_class})")
 
 
 def main(argv=None):
-    args = parse_args(argv)
     try:
-        run(args)
+        run(parse_args(argv))
     except (repa.UserError, evaluation().UserError, FileExistsError, NotADirectoryError) as e:
         print(f"error: {repa.in_words(e)}", file=sys.stderr)
         sys.exit(2)

@@ -1763,7 +1763,7 @@ def test_pixel_space_grid(tmp_path, capsys):
     # the tiles are the sampler's images: the same seed and recipe, decoded without a VAE
     device = repa.setup_distributed()[2]  # where main() ran: the GPU if there is one
     model, info = sample.load_checkpoint(str(tmp_path / "demo.pt"), device)
-    assert sample.class_names(info, [0, 3]) == ["shape 0", "shape 3"]
+    assert [info["class_names"][c] for c in (0, 3)] == ["shape 0", "shape 3"]
     labels = torch.arange(10, device=device).repeat_interleave(4)
     solver = sample.Solver("sde", 8, cfg_scale=1.8, guidance_high=0.7, path_type="linear")
     generator = torch.Generator(device).manual_seed(0)  # one stream, chunk after chunk of 32
