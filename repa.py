@@ -39,6 +39,7 @@ import math
 import os
 import pickle
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -62,16 +63,13 @@ class UserError(Exception):
     """A problem with the user's input. The command line prints it as one line, no traceback."""
 
 
-#################################################################################################
-#   PART I. THE METHOD: interpolant, SiT and DiT, the REPA loss, the encoders, CKNNA            #
-#################################################################################################
+######## PART I. THE METHOD: interpolant, SiT and DiT, the REPA loss, the encoders, CKNNA ########
 
 ####################### The stochastic interpolant (eqs. 1-2) and the choice of t ###############
 
 def interpolant(t, path_type="linear"):
-    """(alpha_t, sigma_t, alpha'_t, sigma'_t) of x_t = alpha_t x + sigma_t eps, from data (t = 0)
-    to noise (t = 1). Linear is rectified flow; cosine keeps alpha^2 + sigma^2 = 1. The loss and
-    the samplers (sample.py) both call this one function."""
+    """(alpha_t, sigma_t, alpha'_t, sigma'_t), data at t = 0, noise at t = 1, for the loss and the
+    samplers alike. Linear is rectified flow; cosine keeps alpha^2 + sigma^2 = 1."""
     if path_type == "linear":
         return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
     if path_type == "cosine":
@@ -82,9 +80,8 @@ def interpolant(t, path_type="linear"):
 
 
 def sample_t(batch, weighting="uniform", path_type="linear", device=None):
-    """Training times t (batch,). uniform: t ~ U(0, 1), the paper's. lognormal: EDM's noise levels,
-    sigma / alpha = exp(n) with n ~ N(0, 1), which trains more at middle noise: t = r / (1 + r) on
-    the linear path, tan(pi t / 2) = r on the cosine one."""
+    """Training times (batch,): uniform, the paper's, or lognormal, EDM's noise levels sigma /
+    alpha = r = exp(N(0, 1)): t = r / (1 + r) (linear), tan(pi t / 2) = r (cosine)."""
     if weighting == "uniform":
         return torch.rand(batch, device=device)
     if weighting != "lognormal":
@@ -94,17 +91,15 @@ def sample_t(batch, weighting="uniform", path_type="linear", device=None):
 
 
 ####################### DiT's improved DDPM: schedule, posterior, learned variance ##############
-# Timesteps are integers k = 0 .. T-1 (k = 0 the least noisy), T = 1000, and abar_k =
-# prod_{j <= k} (1 - beta_j) with DDPM's linear betas (Nichol & Dhariwal 2021, as DiT's code):
+# Nichol & Dhariwal 2021, as DiT's code: integer steps k = 0 .. 999 (0 the least noisy), DDPM's
+# linear betas, abar_k = prod_{j <= k} (1 - beta_j).
 #   forward    q(x_k | x_0) = N(sqrt(abar_k) x_0, (1 - abar_k) I)
-#   posterior  q(x_{k-1} | x_k, x_0) = N(c1_k x_0 + c2_k x_k, beta~_k I), c1 = beta
-#              sqrt(abar_prev) / (1 - abar), c2 = (1 - abar_prev) sqrt(1 - beta) / (1 - abar),
-#              beta~ = beta (1 - abar_prev) / (1 - abar)
-#   model      p(x_{k-1} | x_k): the posterior at x_0 = (x_k - sqrt(1 - abar_k) eps_theta) /
-#              sqrt(abar_k), with log-variance frac log beta_k + (1 - frac) log beta~_k,
-#              frac = (v_theta + 1) / 2: the network's second C channels v_theta pick it
-# A sampler with fewer steps keeps a subset of the k and recomputes the betas of that shorter
-# chain from abar, so the same formulas serve the training chain and every sampler.
+#   posterior  q(x_{k-1} | x_k, x_0) = N(c1 x_0 + c2 x_k, beta~ I), c1 = beta sqrt(abar_prev) /
+#              (1 - abar), c2 = (1 - abar_prev) sqrt(1 - beta) / (1 - abar), beta~ = beta (1 -
+#              abar_prev) / (1 - abar)
+#   model      the posterior at x_0 = (x_k - sqrt(1 - abar_k) eps_theta) / sqrt(abar_k), with
+#              log-variance f log beta + (1 - f) log beta~, f = (v_theta + 1) / 2 (v_theta: the
+#              network's second C channels). A shorter chain keeps some k, its betas from abar.
 DDPM_STEPS = 1000  # T
 
 
@@ -119,9 +114,8 @@ def space_timesteps(num_steps, total=DDPM_STEPS):
 
 @functools.lru_cache(maxsize=None)
 def ddpm_schedule(num_steps=DDPM_STEPS, device="cpu"):
-    """The float64 tables of the chain through `space_timesteps(num_steps)`, indexed by the
-    respaced step i, under the official names; "timesteps"[i] is the k the model sees. Made
-    with numpy in float64 (bit-equal to the official), once per device."""
+    """The chain's float64 tables under the official names (numpy, bit-equal), once per device,
+    indexed by the respaced step i; "timesteps"[i] is the k the model sees."""
     linear = np.linspace(1e-4, 0.02, DDPM_STEPS)  # DDPM's betas for T = 1000
     kept = space_timesteps(num_steps)
     abar_kept = np.cumprod(1.0 - linear)[kept]
@@ -130,10 +124,10 @@ def ddpm_schedule(num_steps=DDPM_STEPS, device="cpu"):
     abar_prev = np.append(1.0, abar[:-1])
     post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
     tables = dict(
-        betas=betas, alphas_cumprod=abar, log_betas=np.log(betas),
+        betas=betas, alphas_cumprod=abar, log_betas=np.log(betas), posterior_variance=post_var,
         sqrt_alphas_cumprod=np.sqrt(abar), sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - abar),
         sqrt_recip_alphas_cumprod=np.sqrt(1.0 / abar), sqrt_recipm1_alphas_cumprod=np.sqrt(
-            1.0 / abar - 1), posterior_variance=post_var,
+            1.0 / abar - 1),
         # beta~_0 = 0 (x_0 is known there): its log is clipped to log beta~_1, not -inf
         posterior_log_variance_clipped=np.log(np.append(post_var[1], post_var[1:])),
         posterior_mean_coef1=betas * np.sqrt(abar_prev) / (1.0 - abar),
@@ -159,8 +153,7 @@ def ddpm_posterior(sched, x0, x_t, t):
 
 
 def ddpm_model_gaussian(sched, x_t, t, eps, v):
-    """(mean, log-variance, x_0) of the model's p(x_{t-1} | x_t) from its outputs eps and v. As in
-    the official code v is not clamped to [-1, 1] and x_0 is not clipped."""
+    """(mean, log-variance, x_0) of p(x_{t-1} | x_t) from eps and v, neither clamped (official)."""
     frac = (v + 1) / 2
     log_var = (frac * schedule_at(sched["log_betas"], t) +
                (1 - frac) * schedule_at(sched["posterior_log_variance_clipped"], t))
@@ -181,12 +174,11 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, hidden_size, frequency_size=256):
         super().__init__()
-        self.frequency_size = frequency_size
         self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(),
                                  nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t, max_period=10000):
-        half = self.frequency_size // 2
+        half = self.mlp[0].in_features // 2
         freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
         args = t[:, None].float() * freqs[None]
         code = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
@@ -195,9 +187,8 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class label -> vector. Row `num_classes` is the null label of classifier-free guidance: in
-    training each label becomes it with probability `dropout_prob`, so that one network learns
-    v(x, t, y) and v(x, t, null). Without dropout there is no null row, as in the official."""
+    """Label -> vector; row `num_classes`, the null label, replaces a label with probability
+    `dropout_prob` in training: one network learns v(x, t, y) and v(x, t, null) for guidance."""
 
     def __init__(self, num_classes, hidden_size, dropout_prob):
         super().__init__()
@@ -212,9 +203,8 @@ class LabelEmbedder(nn.Module):
 
 
 def sincos_pos_embed(dim, grid):
-    """Fixed 2-D sin-cos positions (MAE), (grid^2, dim): half the channels encode the column, half
-    the row (the official meshgrids (w, h)), each [sin(p w_k), cos(p w_k)], w_k =
-    10000^(-k / (dim/4))."""
+    """MAE's fixed 2-D positions (grid^2, dim): column then row (the official meshgrids (w, h)),
+    each [sin(p w_k), cos(p w_k)], w_k = 10000^(-k / (dim/4))."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
     rows, cols = torch.meshgrid(*[torch.arange(grid, dtype=torch.float64)] * 2, indexing="ij")
     out = [p.reshape(-1, 1) * omega[None] for p in (cols, rows)]
@@ -224,9 +214,8 @@ def sincos_pos_embed(dim, grid):
 ####################### SiT and DiT, with REPA's projector ######################################
 
 class SiTBlock(nn.Module):
-    """A transformer block with adaLN-Zero (DiT, sec. 3.2): c = t_emb + y_emb gives shift and
-    scale for both LayerNorms and a gate for both residual branches. The gates start at zero, so
-    every block starts as the identity and training is stable from step 0."""
+    """adaLN-Zero (DiT, sec. 3.2): c = t_emb + y_emb gives both LayerNorms' shift and scale and
+    both residual branches' gates, zero at first: every block starts as the identity."""
 
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, qk_norm=False):
         super().__init__()
@@ -260,23 +249,20 @@ class FinalLayer(nn.Module):
 
 
 def projector(hidden_size, projector_dim, z_dim):
-    """h_phi of eq. (8): a 3-layer MLP per token, from the SiT width to the encoder's. Only the
-    loss uses it; at sampling time it is dead weight (about 8M parameters)."""
+    """h_phi of eq. (8): a 3-layer MLP per token, from the SiT width to the encoder's (8M
+    parameters that only the loss uses)."""
     return nn.Sequential(nn.Linear(hidden_size, projector_dim), nn.SiLU(),
                          nn.Linear(projector_dim, projector_dim), nn.SiLU(),
                          nn.Linear(projector_dim, z_dim))
 
 
 class SiT(nn.Module):
-    """Scalable Interpolant Transformer (Ma et al. 2024): DiT's network trained on eq. (1), plus
-    REPA's projectors reading block `encoder_depth` (1-based). The defaults are SiT-XL/2's with one
-    DINOv2-B target. With learn_sigma it is DiT (Peebles & Xie 2023), the paper's other base
-    model: 2C outputs, eps and the variance value v, for the improved DDPM (`ddpm_loss`), with the
-    integer timestep fed unscaled to the same embedder; SiT(learn_sigma=True, z_dims=()) is the
-    official DiT, with its keywords.
-
-    forward(x, t, y) -> (out, zs): out is v (x's shape), or DiT's eps and v (2C channels); zs[k]
-    is (B, tokens, z_dims[k]). With return_hidden, also the state after every block (fig. 2)."""
+    """SiT (Ma et al. 2024), DiT's network on eq. (1), with REPA's projectors reading block
+    `encoder_depth` (1-based); defaults: SiT-XL/2 with one DINOv2-B target. With learn_sigma it is
+    DiT (the paper's Table 3): eps and the variance value v (2C outputs) for `ddpm_loss`, integer
+    timesteps unscaled; SiT(learn_sigma=True, z_dims=()) takes the official DiT's keywords.
+    forward(x, t, y) -> (out, zs[k] (B, tokens, z_dims[k])), and with return_hidden the state
+    after every block (fig. 2)."""
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
                  num_heads=16, mlp_ratio=4.0, class_dropout_prob=CLASS_DROPOUT,
@@ -333,9 +319,8 @@ class SiT(nn.Module):
         return (*out, hidden) if return_hidden else out
 
 
-# The SiT paper's sizes (its table 1) with REPA's alignment depth: 8 for L and XL, 4 for B (the
-# official issue #5) and for S (12 blocks too). T (tiny, in no paper) trains on a CPU in minutes.
-# "DiT-XL/2" etc. are the same networks with DiT's learned variance, trained with its DDPM.
+# SiT's sizes (its table 1), aligned at block 8 for L and XL, 4 for B (official issue #5) and S;
+# T (in no paper) trains on a CPU in minutes. "DiT-XL/2" etc. learn DiT's variance.
 _WIDTHS = {"T": (6, 128, 4, 2), "S": (12, 384, 6, 4), "B": (12, 768, 12, 4),
            "L": (24, 1024, 16, 8), "XL": (28, 1152, 16, 8)}
 SIZES = {f"{name}/{p}": dict(depth=d, hidden_size=h, num_heads=n, patch_size=p, encoder_depth=e)
@@ -356,8 +341,7 @@ def build_model(name, **overrides):  # e.g. build_model('XL/2', input_size=32, z
 
 def load_sit_weights(model, state_dict):
     """Load ours or an official state dict strictly, or say in one line that it is another
-    model's. The released XL/2 `last.pt` names the blocks after `encoder_depth`
-    `decoder_blocks.N`: they are `blocks.(N + encoder_depth)` here."""
+    model's. The released XL/2 `last.pt` calls `blocks.(N + encoder_depth)` `decoder_blocks.N`."""
     renamed = {}
     for k, v in state_dict.items():
         k = k.removeprefix("module.").removeprefix("_orig_mod.")  # DDP / torch.compile wrappers
@@ -383,10 +367,9 @@ def load_sit_weights(model, state_dict):
 ####################### The REPA loss (eqs. 3, 8, 9), and DiT's hybrid loss ####################
 
 def alignment_loss(zs_pred, zs):
-    """Eq. (8): -cos(y_*^[n], h_phi(h_t^[n])) per patch n, averaged over patches, samples and
-    encoders; zs_pred[k] and zs[k] are (B, N, D_k). SiT token n pairs with encoder patch n, so the
-    shapes must match: anything else is an error, not a silent broadcast. The cosine is in fp32:
-    normalising in fp16 underflows to NaN (an official user report), at negligible cost."""
+    """Eq. (8): -cos(y_*^[n], h_phi(h_t^[n])) averaged over patches n, samples and encoders, token
+    n paired with patch n, so zs_pred[k] and zs[k] must both be (B, N, D_k). In fp32: normalising
+    in fp16 underflows to NaN (an official user report)."""
     terms = []
     for k, (zp, z) in enumerate(zip(zs_pred, zs, strict=True)):
         if zp.shape != z.shape:
@@ -399,10 +382,9 @@ def alignment_loss(zs_pred, zs):
 
 
 def repa_loss(model, x, y, zs, path_type="linear", weighting="uniform", t=None, noise=None):
-    """(v-loss (B,), alignment loss) for clean latents x (B, C, H, W), labels y and encoder
-    targets zs; `total_loss` combines them (eq. 9). t and noise are drawn when not given, in the
-    official order (t, noise, then the label dropout): on a CPU, from the same RNG state, the
-    numbers equal the official SILoss's. Pass them to pin them."""
+    """(v-loss (B,), alignment loss) for clean latents x, labels y and encoder targets zs. t and
+    noise, unless given, are drawn in the official order (t, noise, label dropout): from the same
+    RNG state on a CPU, the numbers are the official SILoss's."""
     t = sample_t(x.shape[0], weighting, path_type, x.device) if t is None else t
     noise = torch.randn_like(x) if noise is None else noise
     alpha, sigma, d_alpha, d_sigma = interpolant(t.to(x.dtype).view(-1, 1, 1, 1), path_type)
@@ -414,17 +396,14 @@ def repa_loss(model, x, y, zs, path_type="linear", weighting="uniform", t=None, 
 
 
 def discretized_gaussian_nll(x, mean, log_scale):
-    """-log P(x) in nats per element, x on the 256 levels of 8-bit data in [-1, 1]: the Gaussian's
-    mass on the bin x +- 1/255, the outermost bins stretched to -inf and +inf. The normal CDF is
-    the tanh approximation and probabilities are floored at 1e-12, as in the official code."""
+    """-log P(x) per element, x on 8-bit data's 256 levels in [-1, 1]: the Gaussian's mass on
+    x +- 1/255, the end bins stretched to +-inf; the tanh CDF, floored at 1e-12, as the official."""
     cdf = lambda u: 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (u + 0.044715 * u ** 3)))
     centered, inv_std = x - mean, torch.exp(-log_scale)
-    cdf_plus = cdf(inv_std * (centered + 1.0 / 255.0))
-    cdf_min = cdf(inv_std * (centered - 1.0 / 255.0))
-    log_p = torch.where(x < -0.999, torch.log(cdf_plus.clamp(min=1e-12)),
-                        torch.where(x > 0.999, torch.log((1.0 - cdf_min).clamp(min=1e-12)),
-                                    torch.log((cdf_plus - cdf_min).clamp(min=1e-12))))
-    return -log_p
+    cdf_plus, cdf_min = (cdf(inv_std * (centered + d)) for d in (1.0 / 255.0, -1.0 / 255.0))
+    mass = torch.where(x < -0.999, cdf_plus, torch.where(x > 0.999, 1.0 - cdf_min,
+                                                         cdf_plus - cdf_min))
+    return -torch.log(mass.clamp(min=1e-12))
 
 
 def ddpm_vb(sched, x0, x_t, t, eps, v):
@@ -439,10 +418,9 @@ def ddpm_vb(sched, x0, x_t, t, eps, v):
 
 
 def ddpm_loss(model, x, y, zs, t=None, noise=None):
-    """DiT's objective in place of eq. (3): (hybrid loss (B,), alignment loss), arguments as
-    `repa_loss`'s. ||eps - eps_theta||^2 trains the mean; the variational bound trains the
-    variance value v through a stop-gradient on eps, so that the bound does not pull on the mean.
-    k ~ U{0, .., 999} is drawn before the noise, as in DiT's train.py."""
+    """DiT's eq. (3): (hybrid loss (B,), alignment loss), as `repa_loss`. ||eps - eps_theta||^2
+    trains the mean, the bound the variance value v through a stop-gradient on eps; k ~ U{0..999}
+    is drawn before the noise, as DiT's train.py."""
     sched = ddpm_schedule(DDPM_STEPS, x.device)
     t = torch.randint(0, DDPM_STEPS, (x.shape[0],), device=x.device) if t is None else t
     noise = torch.randn_like(x) if noise is None else noise
@@ -460,18 +438,16 @@ def total_loss(denoising, align, proj_coeff=0.5):
 
 
 ####################### Frozen encoders: the targets y_* = f(x_*) of eq. (8) ####################
-# An entry is "family-vit-size", as the official --enc-type, optionally "=/path/to/weights". Each
-# family is a timm ViT whose weights are the very tensors the official code loads; they come from
-# the Hugging Face cache (downloaded on first use where there is internet) or the local file.
+# An entry is "family-vit-size" as the official --enc-type, or "...=/path/to/weights": a timm
+# ViT holding the very tensors the official code loads, from the Hugging Face cache or a file.
 IMAGENET = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 _VIT = {"s": "small", "b": "base", "l": "large", "g": "giant", "h": "huge"}
 
 
 def mocov3_state_dict(ckpt):
-    """The official MoCo v3 file -> timm ViT keys, as REPA's fix_mocov3_state_dict: keep
-    `module.base_encoder.*`, fix the misnamed norms and MLPs of blocks 13 and 14 (ViT-L), drop the
-    heads. timm's loader resamples the 14 x 14 positions afterwards, as the official does."""
+    """The official MoCo v3 file -> timm keys, as REPA's fix_mocov3_state_dict: the base encoder,
+    blocks 13 and 14's misnamed norms and MLPs (ViT-L) fixed, no heads."""
     prefix, fixes = "module.base_encoder.", {
         "blocks.13.norm13": "blocks.13.norm1", "blocks.13.mlp.fc13": "blocks.13.mlp.fc1",
         "blocks.14.norm14": "blocks.14.norm2", "blocks.14.mlp.fc14": "blocks.14.mlp.fc2"}
@@ -500,25 +476,22 @@ class EncoderFamily:
 
 
 ENCODER_FAMILIES = {
-    # the official default: 224 px, 16 x 16 patches of 14 (256 SiT tokens); DINOv2's
-    # x_norm_patchtokens (final norm, CLS and registers dropped)
+    # the default: 224 px, 16 x 16 patches of 14; x_norm_patchtokens (no CLS, no registers)
     "dinov2": EncoderFamily("vit_{}_patch14_dinov2.lvd142m", "sblg", 224, IMAGENET),
     "dinov2reg": EncoderFamily("vit_{}_patch14_reg4_dinov2.lvd142m", "sblg", 224, IMAGENET),
     # DINOv3 (not in the paper): patch 16 and rotary positions, so 256 px with no resize
     "dinov3": EncoderFamily("vit_{}_patch16_dinov3.lvd1689m", "sbl", 256, IMAGENET),
-    # before ln_post and the projection, with the original QuickGELU (timm's plain CLIP-L uses
-    # GELU: a different network on these weights)
+    # before ln_post, with the original QuickGELU (timm's plain CLIP-L, GELU, is another network)
     "clip": EncoderFamily("vit_large_patch14_clip_quickgelu_224.openai", "l", 224, CLIP,
                           final_norm=False),
-    # MAE at 256 px: the official forward stops after the last block, with no final norm
+    # MAE: the official forward stops after the last block, with no final norm
     "mae": EncoderFamily("vit_large_patch16_224.mae", "l", 256, IMAGENET, final_norm=False),
-    # DINOv1: the official models/dinov1.py is missing from its repository, so which tokens it
-    # returned cannot be read; we take the normed patch tokens, as for MoCo v3
+    # DINOv1: the official models/dinov1.py is missing from its repository; the normed tokens
     "dinov1": EncoderFamily("vit_base_patch16_224.dino", "b", 256, IMAGENET),
-    # MoCo v3: the official checkpoint file, whose ViT-S has 12 heads (timm's 6)
+    # MoCo v3: the official file; its ViT-S has 12 heads (timm's 6)
     "mocov3": EncoderFamily("vit_{}_patch16_224", "sbl", 256, IMAGENET, local=True,
                             convert=mocov3_state_dict, kwargs=(("s", {"num_heads": 12}),)),
-    # I-JEPA ViT-H/14: no CLS token; timm reads the official file (`encoder`, `module.`) as is
+    # I-JEPA ViT-H/14, no CLS token: timm reads the official file as it is
     "jepa": EncoderFamily("vit_huge_patch14_gap_224.in1k_ijepa", "h", 224, IMAGENET, local=True),
 }
 
@@ -541,8 +514,7 @@ class Encoder:
 
 
 def parse_encoder(entry):
-    """'dinov2-vit-b[=/path]' -> (name, family, size letter, path); loads nothing, so flags can be
-    checked before any slow work."""
+    """'dinov2-vit-b[=/path]' -> (name, family, size letter, path), loading nothing."""
     name, _, path = entry.strip().partition("=")
     family, arch, size = (name.lower().split("-") + ["", "", ""])[:3]
     if arch != "vit" or not size or size not in getattr(ENCODER_FAMILIES.get(family), "sizes", ""):
@@ -552,8 +524,8 @@ def parse_encoder(entry):
 
 
 def hub_folder(repo_id, patterns):
-    """A Hugging Face model's folder from the cache, or downloaded where the hub answers; None
-    when neither. The host is looked up first: offline, the hub client retries for 20 s."""
+    """A Hugging Face model's folder from the cache, or downloaded where the hub answers (looked
+    up first: offline, the hub client retries for 20 s); None when neither."""
     import socket
     from urllib.parse import urlparse
     from huggingface_hub import constants, snapshot_download
@@ -564,58 +536,41 @@ def hub_folder(repo_id, patterns):
             return snapshot_download(repo_id, allow_patterns=patterns, local_files_only=local)
         except Exception:
             continue
-    return None
-
-
-def weights_source(name, family, timm_name, path):
-    """timm's pretrained_cfg_overlay for an encoder's weights: the local file, its converted state
-    dict, or the Hugging Face cache; one clear line when there are none."""
-    import timm
-    if not path and family.local:
-        raise UserError(f"encoder {name} has no timm weights: the official code reads its "
-                        f"original checkpoint file from disk; pass that file as {name}=PATH")
-    if not path:
-        folder = hub_folder(timm.models.get_pretrained_cfg(timm_name).hf_hub_id,
-                            ["model.safetensors"])
-        path = os.path.join(folder or "", "model.safetensors")
-        if not os.path.isfile(path):
-            raise UserError(
-                f"cannot load encoder {name}: its weights ({timm_name}) are not in the Hugging "
-                f"Face cache and cannot be downloaded here; on a machine with internet run "
-                f"python -c \"import timm; timm.create_model('{timm_name}', pretrained=True)\" "
-                f"and copy ~/.cache/huggingface, or pass a file: {name}=PATH")
-    if not os.path.isfile(path):
-        raise UserError(f"cannot load encoder {name}: weight file {path} not found")
-    if family.convert is None:
-        return dict(file=path)
-    try:
-        return dict(state_dict=family.convert(torch.load(path, "cpu", weights_only=True)))
-    except Exception as e:
-        raise UserError(f"cannot load encoder {name} from {path}: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200] if str(e) else 'not its layout'}") from None
 
 
 def load_encoders(spec="dinov2-vit-b", resolution=256, device="cpu", **timm_kwargs):
-    """Frozen encoders for a comma-separated spec such as "dinov2-vit-b,clip-vit-l=PATH".
-    `timm_kwargs` go to timm.create_model (the tests build the same classes, tiny and random,
-    with pretrained=False)."""
+    """Frozen encoders for a comma-separated spec such as "dinov2-vit-b,clip-vit-l=PATH";
+    `timm_kwargs` go to timm.create_model (the tests build the same classes tiny and random)."""
     import timm
     encoders = []
     for entry in spec.split(","):
         name, family, size, path = parse_encoder(entry)
         fam = ENCODER_FAMILIES[family]
-        timm_name = fam.timm.format(_VIT[size])
-        pixels = fam.pixels * (resolution // 256)  # 512 px: a 32 x 32 grid (1024 tokens)
+        timm_name, pixels = fam.timm.format(_VIT[size]), fam.pixels * (resolution // 256)
         kwargs = {"pretrained": True, "img_size": pixels, "num_classes": 0,
                   **dict(fam.kwargs).get(size, {}), **timm_kwargs}
-        if kwargs["pretrained"]:
-            kwargs["pretrained_cfg_overlay"] = weights_source(name, fam, timm_name, path)
+        if kwargs["pretrained"] and fam.local and not path:
+            raise UserError(f"encoder {name} has no timm weights: the official code reads its "
+                            f"original checkpoint file; pass that file as {name}=PATH")
+        if kwargs["pretrained"] and not path:
+            folder = hub_folder(timm.models.get_pretrained_cfg(timm_name).hf_hub_id,
+                                ["model.safetensors"])
+            path = os.path.join(folder, "model.safetensors") if folder else ""
+            if not os.path.isfile(path):
+                raise UserError(f"cannot load encoder {name}: its weights ({timm_name}) are not "
+                                f"in the Hugging Face cache and cannot be downloaded here: load "
+                                f"it once where there is internet and copy ~/.cache/huggingface,"
+                                f" or pass a file: {name}=PATH")
+        if path and not os.path.isfile(path):
+            raise UserError(f"cannot load encoder {name}: weight file {path} not found")
         try:  # timm resamples the stored positions to the grid (bicubic), as the official does
-            model = timm.create_model(timm_name, **kwargs)
-        except Exception as e:  # a corrupt file, or weights of another architecture
+            if kwargs["pretrained"]:
+                kwargs["pretrained_cfg_overlay"] = dict(file=path) if not fam.convert else dict(
+                    state_dict=fam.convert(torch.load(path, "cpu", weights_only=True)))
+            model = timm.create_model(timm_name, **kwargs).to(device).eval().requires_grad_(False)
+        except Exception as e:  # no such file, a corrupt one, or another architecture's weights
             raise UserError(f"cannot load encoder {name} from {path or 'the cache'}: "
-                            f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-        model = model.to(device).eval().requires_grad_(False)
+                            f"{type(e).__name__} {' '.join(str(e).split())[:200]}") from None
         mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in fam.norm)
         encoders.append(Encoder(name, model, pixels, model.patch_embed.patch_size[0], mean, std,
                                 model.embed_dim, model.num_prefix_tokens, fam.final_norm))
@@ -625,41 +580,35 @@ def load_encoders(spec="dinov2-vit-b", resolution=256, device="cpu", **timm_kwar
 @torch.no_grad()
 def encode(encoders, images):
     """uint8 images (B, 3, H, W) -> one (B, N, D_k) per encoder, as the official: x / 255,
-    normalise, bicubic resize (the official resizes CLIP's input first: the same, since bicubic
-    weights sum to 1 and the normalisation is affine), then the patch tokens without CLS and
-    registers, after the final norm or, where the official skips it (MAE, CLIP), before it."""
+    normalise, bicubic resize (the official resizes CLIP's input first: the same, as bicubic
+    weights sum to 1), then the patch tokens after the final norm or, where the official skips
+    it (MAE, CLIP), the last block's; timm drops CLS and registers of intermediates itself."""
     out = []
     for enc in encoders:
         x = (images.float() / 255 - enc.mean) / enc.std
         if x.shape[-1] != enc.size:
             x = F.interpolate(x, size=(enc.size, enc.size), mode="bicubic")
-        if enc.final_norm:
-            out.append(enc.model.forward_features(x)[:, enc.prefix:])
-        else:  # timm drops the prefix tokens of intermediates itself
-            out.append(enc.model.forward_intermediates(x, indices=1, norm=False, output_fmt="NLC",
-                                                       intermediates_only=True)[-1])
+        out.append(enc.model.forward_features(x)[:, enc.prefix:] if enc.final_norm else
+                   enc.model.forward_intermediates(x, indices=1, norm=False, output_fmt="NLC",
+                                                   intermediates_only=True)[-1])
     return out
 
 
 ####################### Measuring alignment: CKNNA and linear probes (fig. 2) ###################
 # Sec. 3 measures how far a SiT's hidden states are from a pretrained encoder's representation
 # by CKNNA (Huh et al. 2024, "The Platonic Representation Hypothesis": kernel alignment kept to
-# each sample's nearest neighbours) and by linear probes. The definitions are the PRH code's
-# (minyoungg/platonic-rep, metrics.py), whose numbers the tests reproduce. As there, the caller
-# L2-normalises every feature vector first; these functions give the PRH numbers for whatever
-# they are given.
+# each sample's nearest neighbours) and by linear probes. The definitions and numbers are the PRH
+# code's (minyoungg/platonic-rep, metrics.py); as there, the caller L2-normalises the features.
 
 def knn_mask(kernel, topk):
-    """(N, N) 0/1 mask of each row's `topk` largest similarities, self excluded (not symmetric).
-    The PRH code sets the diagonal to -1e8, not -inf: the same unless a similarity lies below."""
+    """(N, N) 0/1 mask of each row's `topk` largest similarities, self excluded (not symmetric)."""
     ranked = kernel.clone().fill_diagonal_(float("-inf"))
     return torch.zeros_like(kernel).scatter_(1, ranked.topk(topk, dim=1).indices, 1)
 
 
 def hsic_unbiased(K, L):
-    """The unbiased HSIC (Song et al. 2012, eq. 5) of two (N, N) kernels; K~, L~ with zeroed
-    diagonals: [tr(K~ L~) + (1'K~1)(1'L~1) / ((N-1)(N-2)) - 2/(N-2) 1'K~L~1] / (N(N-3)).
-    tr(K~ L~) = sum(K~ * L~^T): the masked kernels of CKNNA are not symmetric."""
+    """Unbiased HSIC (Song et al. 2012, eq. 5), K~, L~ with zeroed diagonals: [tr(K~ L~) + (1'K~1)
+    (1'L~1) / ((N-1)(N-2)) - 2/(N-2) 1'K~L~1] / (N(N-3)); tr(K~ L~) = sum(K~ * L~^T)."""
     n = K.shape[0]
     K, L = K.clone().fill_diagonal_(0), L.clone().fill_diagonal_(0)
     return ((K * L.T).sum() + K.sum() * L.sum() / ((n - 1) * (n - 2))
@@ -667,11 +616,10 @@ def hsic_unbiased(K, L):
 
 
 def cknna(a, b, topk=10):
-    """CKNNA of features a (N, D_a) and b (N, D_b) of the same N samples: CKA of the linear
-    kernels K = a a^T and L = b b^T kept on the pairs that are k-NN in BOTH spaces (M = M_a M_b):
-        HSIC(M K, M L) / (sqrt(HSIC(M_a K, M_a K) HSIC(M_b L, M_b L)) + 1e-6).
-    Near 0 for unrelated features; HSIC / (HSIC + 1e-6) for a rotated copy (the PRH code's 1e-6
-    shows when HSIC is small). A few (N, N) matrices: 400 MB each for N = 10,000."""
+    """CKNNA of features a (N, D_a) and b (N, D_b) of N samples: CKA of K = a a^T and L = b b^T
+    on the pairs that are k-NN in BOTH spaces (M = M_a M_b), near 0 for unrelated features:
+        HSIC(M K, M L) / (sqrt(HSIC(M_a K, M_a K) HSIC(M_b L, M_b L)) + 1e-6)   (the PRH's 1e-6).
+    A few (N, N) matrices: 400 MB each for N = 10,000."""
     if not 2 <= topk < a.shape[0]:
         raise UserError(f"CKNNA needs 2 <= topk < N, got topk {topk} for N = {a.shape[0]}")
     K, L = a @ a.T, b @ b.T
@@ -682,8 +630,8 @@ def cknna(a, b, topk=10):
 
 
 def fit(params, loss, steps, lr, weight_decay=0.05, betas=(0.9, 0.999), warmup=0):
-    """Minimise loss(step) with AdamW in `steps` steps, the learning rate warmed up linearly over
-    `warmup` steps, then a half cosine to 0: the linear probe's loop, and the tools' small ones."""
+    """Minimise loss(step) with AdamW, the learning rate warmed up linearly, then a half cosine to
+    0: the linear probe's loop, and the tools' small ones."""
     opt = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / max(warmup, 1))
                                                  * 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -698,12 +646,10 @@ def fit(params, loss, steps, lr, weight_decay=0.05, betas=(0.9, 0.999), warmup=0
 
 def linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=90, batch_size=16384,
                  lr=1e-3, seed=0):
-    """Top-1 test accuracy of a linear classifier on frozen features (N, D), the DAE / MAE probe
-    the paper cites: an affine-free BatchNorm (so the features' scale does not matter; exact
-    batch statistics, momentum None), a Linear from N(0, 0.01^2); cross-entropy, the learning
-    rate on a half cosine per iteration; batches of at most N, the last partial one dropped.
-    Adam, not MAE's LARS: with a few thousand features 90 epochs are 90 iterations, too few for
-    LARS (README, Measuring alignment)."""
+    """Top-1 test accuracy of the DAE / MAE linear probe on frozen features (N, D): an affine-free
+    BatchNorm (exact batch statistics), a Linear from N(0, 0.01^2), cross-entropy, a half-cosine
+    learning rate, whole batches of at most N. Adam, not MAE's LARS: with a few thousand features
+    90 epochs are 90 iterations, too few for LARS."""
     g = torch.Generator().manual_seed(seed)
     n, dim = train_x.shape
     batch = min(batch_size, n)
@@ -721,27 +667,7 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=90, batch
         return (head(test_x.float()).argmax(1) == test_y).float().mean().item()
 
 
-@torch.no_grad()
-def block_features(model, x, t, noise, path_type="linear"):
-    """The hidden state after every block, averaged over tokens as the paper's appendix does for
-    CKNNA: (B, depth, D) float32, for clean latents x noised to times t (B,) in [0, 1] (DiT: its
-    DDPM step min(int(1000 t), 999)). No class label (official issue #32): the null label where
-    the model learned one, else 0 for every image, a constant shift of the condition."""
-    if model.learn_sigma:
-        t = (t * DDPM_STEPS).long().clamp(max=DDPM_STEPS - 1)
-        x_t = ddpm_noised(ddpm_schedule(DDPM_STEPS, x.device), x, t, noise)
-    else:
-        alpha, sigma, _, _ = interpolant(t.to(x.dtype).view(-1, 1, 1, 1), path_type)
-        x_t, t = alpha * x + sigma * noise, t.to(x.dtype)
-    has_null = model.y_embedder.embedding_table.num_embeddings > model.num_classes
-    y = torch.full((len(x),), model.num_classes if has_null else 0, device=x.device)
-    hidden = model(x_t, t, y, return_hidden=True)[-1]
-    return torch.stack([h.float().mean(1) for h in hidden], dim=1)
-
-
-#################################################################################################
-#   PART II. TRAINING: processes, the shard reader, the config, one step, checkpoints, the loop #
-#################################################################################################
+######## PART II. TRAINING: processes, the reader, the config, the step, checkpoints, the loop ###
 
 ####################### Processes and files #####################################################
 # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without it we are rank 0 of 1, with no process
@@ -794,10 +720,8 @@ def load_vae(name="stabilityai/sd-vae-ft-mse", device="cpu"):
     except Exception as e:
         hint = (f"the folder {name} is not a diffusers AutoencoderKL" if os.path.isdir(name) else
                 f"there is no folder {name}" if local else
-                f"it is not in the Hugging Face cache and cannot be downloaded here; on a machine "
-                f"with internet run python -c \"from diffusers import AutoencoderKL; "
-                f"AutoencoderKL.from_pretrained('{name}')\" and copy ~/.cache/huggingface, or "
-                f"pass a local folder")
+                f"it is not in the Hugging Face cache and cannot be downloaded here: load it once "
+                f"where there is internet and copy ~/.cache/huggingface, or pass a local folder")
         raise UserError(f"cannot load the VAE {name}: {hint} ({type(e).__name__})") from None
 
 
@@ -889,10 +813,10 @@ def ignore_signals(worker_id):
 
 
 def loader(dataset, sampler, workers=4):
-    """(images, moments, labels) batches, already stacked by __getitems__; workers copy from the
-    memory map in parallel and pin the memory so the copy to the GPU overlaps compute."""
+    """Batches stacked by __getitems__ (collate_fn=tuple keeps them); workers copy from the memory
+    map in parallel and pin the memory so that the copy to the GPU overlaps compute."""
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=lambda batch: batch, num_workers=workers,
+        dataset, batch_sampler=sampler, collate_fn=tuple, num_workers=workers,
         pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_signals,
         prefetch_factor=4 if workers else None)
 
@@ -973,17 +897,12 @@ def add_flags(parser, config_class, defaults=None, skip=()):
     for line in inspect.getsource(config_class).splitlines():
         name, _, rest = line.strip().partition(":")
         helps[name] = rest.partition("#")[2].strip()
-    for f in fields(config_class):
-        flag, default = "--" + f.name.replace("_", "-"), (defaults or {}).get(f.name, f.default)
-        if f.name in skip:
-            continue
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                                help=helps[f.name])
-        else:
-            parser.add_argument(flag, type=type(f.default), default=default,
-                                choices=choices.get(f.name),
-                                help=f"{helps[f.name]} (default {default!r})".lstrip())
+    for f in (f for f in fields(config_class) if f.name not in skip):
+        default = (defaults or {}).get(f.name, f.default)
+        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else \
+            dict(type=type(f.default), choices=choices.get(f.name))
+        parser.add_argument("--" + f.name.replace("_", "-"), default=default, **kind,
+                            help=f"{helps[f.name]} (default {default!r})".lstrip())
 
 
 def check_values(cfg, limits, images=None):
@@ -1067,12 +986,18 @@ class Run:
     first_step: int = 0         # the step this process started (or resumed) at
 
 
-def build(cfg, device, data=None, encoders=None):
-    """(dataset, encoders, model_kwargs): a tool's own (train's `data` and `encoders`), random
-    data and random-weight encoders for --bench, or the shards with the pretrained encoders."""
+def start_run(cfg, data=None, encoders=None):
+    """Processes, precision, data, encoders, the model, its EMA and the optimiser. The data and
+    encoders: a tool's own (train's `data` and `encoders`), random data and random-weight
+    encoders for --bench, or the shards with the pretrained encoders."""
+    rank, world, device = setup_distributed()
+    check_config(cfg, world, named_encoders=encoders is None)
+    cuda, own = device.type == "cuda", encoders is not None
+    precision = ("bf16" if cuda else "fp32") if cfg.precision == "auto" else cfg.precision
+    # TF32 for the fp32 matmuls autocast leaves (and the optimiser's); off when fp32 is asked for
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
     dataset = data() if data else RandomData(cfg.resolution) if cfg.bench else \
         ShardDataset(cfg.data_dir)
-    own = encoders is not None
     encoders = encoders(device) if own else load_encoders(
         cfg.enc_type, dataset.resolution, device, **({"pretrained": False} if cfg.bench else {}))
     pixels = dataset.latent_scale == 1  # scale 1: the 'moments' are pixels in [-1, 1], no VAE
@@ -1081,25 +1006,12 @@ def build(cfg, device, data=None, encoders=None):
                         num_classes=dataset.num_classes, projector_dim=cfg.projector_dim,
                         class_dropout_prob=cfg.cfg_prob, qk_norm=cfg.qk_norm,
                         z_dims=[e.dim for e in encoders])
-    if cfg.encoder_depth:
-        model_kwargs["encoder_depth"] = cfg.encoder_depth
+    model_kwargs |= {"encoder_depth": cfg.encoder_depth} if cfg.encoder_depth else {}
     tokens = (model_kwargs["input_size"] // model_kwargs["patch_size"]) ** 2
     for enc in encoders if own else ():  # check_config checked the named ones
         if enc.tokens != tokens:
             raise UserError(f"REPA pairs each SiT token with an encoder patch, but {cfg.model} "
                             f"has {tokens} tokens and {enc.name} {enc.tokens} patches")
-    return dataset, encoders, model_kwargs
-
-
-def start_run(cfg, data=None, encoders=None):
-    """Processes, precision, data, encoders, the model, its EMA and the optimiser."""
-    rank, world, device = setup_distributed()
-    check_config(cfg, world, named_encoders=encoders is None)
-    cuda = device.type == "cuda"
-    precision = ("bf16" if cuda else "fp32") if cfg.precision == "auto" else cfg.precision
-    # TF32 for the fp32 matmuls autocast leaves (and the optimiser's); off when fp32 is asked for
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
-    dataset, encoders, model_kwargs = build(cfg, device, data, encoders)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run
     model = SiT(**model_kwargs).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # starts equal to the model
@@ -1276,22 +1188,21 @@ def resume_run(run):
 ####################### Watching a run: log lines, metrics.jsonl, W&B ###########################
 
 class Logger:
-    """Sums the step statistics on the device and, every log_every steps, makes the interval's one
-    host sync: a line on stdout with an ETA, a row of metrics.jsonl (the source of truth),
-    optionally Weights & Biases, and between lines a progress bar on a terminal (rank 0)."""
+    """Sums the step statistics on the device and makes, every log_every steps, the interval's one
+    host sync: a line with an ETA and a metrics.jsonl row (the source of truth), optionally to W&B,
+    and between lines a progress bar on a terminal (rank 0)."""
 
     def __init__(self, run):
         from tqdm import tqdm
-        self.run, cfg = run, run.cfg
-        self.sums, self.count = torch.zeros(3, device=run.device), 0
-        self.flops = train_flops_per_image(run.model, run.encoders)
+        cfg, self.run, self.count, self.wandb = run.cfg, run, 0, None
+        self.sums, self.flops = torch.zeros(3, device=run.device), train_flops_per_image(
+            run.model, run.encoders)
         name = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else ""
         self.peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
         writes = run.rank == 0 and not cfg.bench
         self.file = open(os.path.join(run.dir, "metrics.jsonl"), "a") if writes else None
         if self.file and run.step:
             self.file.write(json.dumps({"resumed_at": run.step}) + "\n")
-        self.wandb = None
         if writes and cfg.wandb:
             import wandb  # only when asked for
             self.wandb = wandb.init(project=cfg.wandb, name=cfg.exp_name, dir=run.dir,
@@ -1317,9 +1228,8 @@ class Logger:
                             f"{align}); stopping, the last checkpoint is kept")
         seconds = time.perf_counter() - self.timer
         per_device = self.count * cfg.batch_size / run.world / seconds
-        stats = dict(step=run.step, loss=round(loss, 5), align=round(align, 5),
-                     grad_norm=round(gnorm, 4), img_s=round(per_device * run.world, 1),
-                     img_s_per_device=round(per_device, 1))
+        stats = dict(loss=round(loss, 5), align=round(align, 5), grad_norm=round(gnorm, 4),
+                     img_s=round(per_device * run.world, 1), img_s_per_device=round(per_device, 1))
         if self.peak:
             stats["mfu"] = round(per_device * self.flops / self.peak, 4)
         if run.device.type == "cuda":
@@ -1331,7 +1241,7 @@ class Logger:
         self.count, self.timer = 0, time.perf_counter()
 
     def record(self, row, tail=""):
-        """A line, a metrics.jsonl row and a W&B log of this step's `row`."""
+        """This step's `row`: a line, a metrics.jsonl row, a W&B log."""
         row = {"step": self.run.step, **row}
         if self.run.rank == 0:
             self.bar.write(" ".join(f"{k} {v}" for k, v in row.items()) + tail)
@@ -1384,8 +1294,7 @@ def guided(model, x, t, y, cfg_scale, dtype, mixed_channels=None):
 @torch.no_grad()
 def sample_euler(model, z, y, num_steps=50, cfg_scale=1.0):
     """The official trainer's preview: Euler steps of dx = v dt from noise z (t = 1) to data on
-    linspace(1, 0, N + 1), guided on every step, float64 state, the model in z's dtype. sample.py's
-    ODE, without Heun and with the interval [0, 1], takes these very steps."""
+    linspace(1, 0, N + 1), guided on every step, float64 state, the model in z's dtype."""
     ts = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist()
     x = z.to(torch.float64)
     for t_cur, t_next in zip(ts[:-1], ts[1:]):
@@ -1433,8 +1342,7 @@ def save_grid(images, names, path):
     """uint8 (rows * cols, H, W, 3), a class per row -> a PNG with each row's class name; small
     images are enlarged without smoothing so a person can see them."""
     from PIL import Image, ImageDraw
-    rows, cols = len(names), len(images) // len(names)
-    zoom = max(1, 64 // images.shape[1])
+    rows, cols, zoom = len(names), len(images) // len(names), max(1, 64 // images.shape[1])
     h, w, pad, margin = images.shape[1] * zoom, images.shape[2] * zoom, 2, 56
     grid = Image.new("RGB", (margin + cols * (w + pad), rows * (h + pad)), "white")
     for r, name in enumerate(names):
@@ -1448,17 +1356,15 @@ def save_grid(images, names, path):
 
 def grid_writer(run, per_class=4, num_steps=50):
     """A function that samples the EMA with the same noise and labels all run long (resumes too),
-    as the paper's fig. 4, and writes samples/NNNNNNN.png: 50 Euler steps with CFG 4 as the
-    official trainer, or DiT's 50 DDPM steps with seeded noise; decoded by the data's VAE."""
+    as the paper's fig. 4, into samples/NNNNNNN.png: 50 Euler steps with CFG 4 as the official
+    trainer, or DiT's 50 DDPM steps with seeded noise; decoded by the data's VAE."""
     model, names = run.model, getattr(run.dataset, "class_names", None)
     classes = GRID_CLASSES if model.num_classes == NUM_CLASSES else list(range(
         min(10, model.num_classes)))
     labels = torch.tensor(classes).repeat_interleave(per_class).to(run.device)
-    size = run.model_kwargs["input_size"]
-    noise = torch.randn(len(labels), model.in_channels, size, size,
-                        generator=torch.Generator().manual_seed(run.cfg.seed)).to(run.device)
-    has_null = model.y_embedder.embedding_table.num_embeddings > model.num_classes
-    cfg_scale = GRID_CFG if has_null else 1.0
+    size, g = run.model_kwargs["input_size"], torch.Generator().manual_seed(run.cfg.seed)
+    noise = torch.randn(len(labels), model.in_channels, size, size, generator=g).to(run.device)
+    cfg_scale = GRID_CFG if model.y_embedder.dropout_prob > 0 else 1.0  # with a null label
     vae = None if model.in_channels == 3 else load_vae(
         json.load(open(os.path.join(run.cfg.data_dir, "manifest.json")))["vae"], run.device)
 
@@ -1475,31 +1381,47 @@ def grid_writer(run, per_class=4, num_steps=50):
     return write
 
 
+####################### Measuring a run's alignment #############################################
+
+@torch.no_grad()
+def block_features(model, x, t, noise, path_type="linear"):
+    """Every block's output averaged over tokens (the paper's appendix): (B, depth, D) float32 for
+    latents x noised to t (B,) in [0, 1] (DiT: step min(int(1000 t), 999)). No class label
+    (official issue #32): the null label, or 0 for all where the model has none."""
+    if model.learn_sigma:
+        t = (t * DDPM_STEPS).long().clamp(max=DDPM_STEPS - 1)
+        x_t = ddpm_noised(ddpm_schedule(DDPM_STEPS, x.device), x, t, noise)
+    else:
+        alpha, sigma, _, _ = interpolant(t.to(x.dtype).view(-1, 1, 1, 1), path_type)
+        x_t, t = alpha * x + sigma * noise, t.to(x.dtype)
+    has_null = model.y_embedder.dropout_prob > 0  # the null label's row exists
+    y = torch.full((len(x),), model.num_classes if has_null else 0, device=x.device)
+    hidden = model(x_t, t, y, return_hidden=True)[-1]
+    return torch.stack([h.float().mean(1) for h in hidden], dim=1)
+
+
 def clean_latents(moments, dataset):
-    """x_* for measuring: the VAE posterior's mean, scaled, not a sample of it as training draws,
-    so that a measurement depends on the image only."""
+    """x_* for measuring: the VAE posterior's mean, scaled, not a sample as training draws, so that
+    a measurement depends on the image only."""
     return moments.chunk(2, dim=1)[0] * dataset.latent_scale
 
 
 def alignment_log(run, data=None):
-    """--align-every: a function that measures the EMA on one fixed set of images (`data`, the
-    training set's by default; the same images and noise all run, t = 0.5, mid-path where the loss
-    acts too): CKNNA (k = --knn) to each encoder at block encoder_depth and at the last block,
-    and a linear probe at the aligned block (trained on the first half, tested on the second).
-    The encoders' features are computed once; a measurement is one pass of the EMA, on rank 0."""
-    cfg, data = run.cfg, run.dataset if data is None else data
+    """--align-every: a function measuring the EMA on one fixed set of images (`data`, else the
+    training set; the same images and noise all run, t = 0.5, mid-path): CKNNA (k = --knn) to each
+    encoder at block encoder_depth and at the last block, and a linear probe at the aligned block
+    (trained on the first half, tested on the second). One pass of the EMA, on rank 0."""
+    cfg, data, aligned = run.cfg, run.dataset if data is None else data, run.model.encoder_depth
     g = torch.Generator().manual_seed(cfg.seed)
     rows = torch.randperm(len(data), generator=g)[:cfg.align_images].sort().values.numpy()
     images, moments, labels = data.__getitems__(rows)
     x = clean_latents(moments, data).to(run.device)
-    noise = torch.randn(x.shape, generator=g).to(run.device)
-    chunk = max(1, cfg.batch_size // run.world)  # what a training step holds in memory
+    noise, chunk = torch.randn(x.shape, generator=g).to(run.device), max(1, cfg.batch_size //
+                                                                         run.world)
     autocast = torch.autocast(run.device.type, torch.bfloat16, enabled=run.precision == "bf16")
-    with autocast:
+    with autocast:  # the encoders' side once
         feats = [encode(run.encoders, im.to(run.device)) for im in images.split(chunk)]
     targets = [F.normalize(torch.cat(f).float().mean(1), dim=-1) for f in zip(*feats)]
-    aligned = run.model.encoder_depth
-    blocks = sorted({aligned, len(run.model.blocks)})
 
     @torch.no_grad()
     def measure():
@@ -1513,7 +1435,8 @@ def alignment_log(run, data=None):
                              y[half:], run.model.num_classes, epochs=100, lr=1e-2)
         feats = F.normalize(feats, dim=-1)
         return {**{f"cknna/{enc.name}/block{b}": round(cknna(feats[:, b - 1], z, cfg.knn), 4)
-                   for enc, z in zip(run.encoders, targets) for b in blocks},
+                   for enc, z in zip(run.encoders, targets)
+                   for b in sorted({aligned, len(run.model.blocks)})},
                 f"probe/block{aligned}": round(probe, 4)}
     return measure
 
@@ -1521,35 +1444,19 @@ def alignment_log(run, data=None):
 ####################### The loop ################################################################
 
 def git_revision():
-    import subprocess
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, cwd=os.path.dirname(os.path.abspath(__file__)),
                               timeout=5).stdout.strip() or "unknown"
-    except Exception:
+    except (OSError, subprocess.SubprocessError):  # no git, or it hangs
         return "unknown"
-
-
-def describe(run, own_data=False):
-    """What runs: the config without the fields this run does not use, the model, the data (a
-    tool's says what it is, `description`), and where."""
-    unused = ({"data_dir", "resolution"} if own_data else set()) | (
-        {"path_type", "weighting"} if run.model.learn_sigma else set())  # those are SiT's
-    shown = {k: v for k, v in asdict(run.cfg).items() if k not in unused}
-    data = (run.dataset.description if own_data else
-            "random data and random-weight encoders (--bench)" if run.cfg.bench else
-            f"{len(run.dataset):,} images at {run.dataset.resolution} px from {run.cfg.data_dir}")
-    params = sum(p.numel() for p in run.model.parameters())
-    return (f"config {json.dumps(shown)}\nmodel {json.dumps(run.model_kwargs)}\ndata {data}\n"
-            f"git {git_revision()}, world {run.world}, device {run.device}, {run.precision}; "
-            f"{'DiT' if run.model.learn_sigma else 'SiT'} {params:,} parameters")
 
 
 @contextlib.contextmanager
 def stop_signal():
-    """Yields stop(): True once SIGTERM (preemption) or SIGINT (Ctrl-C) has come, on any rank; the
-    loop then saves and exits at the end of the step. A second signal acts as usual, so a hung
-    run can still be killed. Ranks agree through a CPU (gloo) all-reduce, no host-device sync."""
+    """Yields stop(): True once SIGTERM (preemption) or SIGINT (Ctrl-C) has come to any rank; the
+    loop then saves and exits after the step. A second signal acts as usual (a hung run can still
+    be killed). Ranks agree through a CPU (gloo) all-reduce: no host-device sync."""
     flag = torch.zeros(1)
     group = dist.new_group(backend="gloo") if dist.is_initialized() else None
 
@@ -1570,6 +1477,24 @@ def stop_signal():
             signal.signal(sig, old)
 
 
+def start_log(run, path, own_data):
+    """The run folder's config.json, and what runs (the data: a tool's says what it is)."""
+    cfg, params = run.cfg, sum(p.numel() for p in run.model.parameters())
+    info = dict(config=asdict(cfg), model_kwargs=run.model_kwargs, git=git_revision(),
+                world=run.world)
+    if run.rank == 0 and not cfg.bench:
+        os.makedirs(run.ckpt_dir, exist_ok=True)
+        atomic_write(os.path.join(run.dir, "config.json"), lambda f: json.dump(info, f, indent=1),
+                     "w")
+    data = (run.dataset.description if own_data else
+            "random data and random-weight encoders (--bench)" if cfg.bench else
+            f"{len(run.dataset):,} images at {run.dataset.resolution} px from {cfg.data_dir}")
+    print0(f"config {json.dumps(info['config'])}\nmodel {json.dumps(run.model_kwargs)}\ndata "
+           f"{data}\ngit {info['git']}, world {run.world}, device {run.device}, {run.precision};"
+           f" {'DiT' if run.model.learn_sigma else 'SiT'} {params:,} parameters" +
+           (f"\nresumed from {path} at step {run.step}" if path else ""))
+
+
 def train(cfg, data=None, encoders=None, measure=None):
     """The training loop: one path for CPU, one GPU and torchrun over many GPUs and nodes.
     Tools train through three factories, called in the run's processes (so that under torchrun
@@ -1581,21 +1506,13 @@ def train(cfg, data=None, encoders=None, measure=None):
                           dict is a row of metrics.jsonl. Default: alignment_log(run).
     The paper's runs need none of them; tools/demo.py trains through all three."""
     run = start_run(cfg, data, encoders)
-    # Resume: the newest checkpoint of the run folder, exactly where it stopped
     path, saves = resume_run(run), not cfg.bench
     if run.step >= cfg.max_steps:  # nothing to do, and nothing in the run folder changes
         print0(f"{run.dir} is already at step {run.step} (--max-steps {cfg.max_steps}): nothing "
-               f"to train. Train longer with a larger --max-steps, or start a new run with "
+               f"to train; train longer with a larger --max-steps, or start a new run with "
                f"another --exp-name")
         return run
-    if run.rank == 0 and saves:
-        os.makedirs(run.ckpt_dir, exist_ok=True)
-        info = dict(config=asdict(cfg), model_kwargs=run.model_kwargs, git=git_revision(),
-                    world=run.world)
-        atomic_write(os.path.join(run.dir, "config.json"), lambda f: json.dump(info, f, indent=1),
-                     "w")
-    print0(describe(run, data is not None) + (f"\nresumed from {path} at step {run.step}"
-                                               if path else ""))
+    start_log(run, path, data is not None)
     batches = iter(loader(run.dataset, run.sampler, cfg.num_workers))
     watch = run.rank == 0 and saves
     grid = grid_writer(run) if watch and cfg.sample_every else None
@@ -1604,8 +1521,7 @@ def train(cfg, data=None, encoders=None, measure=None):
     run.model.train()
     with stop_signal() as stop:
         while run.step < cfg.max_steps:
-            # One optimisation step; with --sync-debug any host-device sync in it (after the
-            # first) raises
+            # One optimisation step (--sync-debug: after the first, any host-device sync raises)
             if debug:
                 torch.cuda.set_sync_debug_mode("error" if run.step > run.first_step else 0)
             log.add(train_step(run, [next(batches) for _ in range(cfg.grad_accum)]))
@@ -1619,16 +1535,15 @@ def train(cfg, data=None, encoders=None, measure=None):
                 log.image(grid())
             if aligner and run.step % cfg.align_every == 0:
                 log.record(aligner())
-            if stop():
-                if saves:
-                    save_checkpoint(run, "latest.pt")
+            stopped = stop()
+            if saves and (run.step % cfg.ckpt_every == 0 or run.step == cfg.max_steps):
+                save_checkpoint(run, f"{run.step:07d}.pt")
+            elif saves and (stopped or run.step % cfg.latest_every == 0):
+                save_checkpoint(run, "latest.pt")
+            if stopped:
                 print0(f"stopped by signal at step {run.step}" +
                        ("; saved, resume with the same command" if saves else ""))
                 break
-            if saves and (run.step % cfg.ckpt_every == 0 or run.step == cfg.max_steps):
-                save_checkpoint(run, f"{run.step:07d}.pt")
-            elif saves and run.step % cfg.latest_every == 0:
-                save_checkpoint(run, "latest.pt")
             log.timer += time.perf_counter() - began
     log.close()
     if saves and run.step == cfg.max_steps:
@@ -1668,9 +1583,8 @@ def parse_args(argv=None):
     cfg = Config(**vars(parser.parse_args(argv)))
     try:
         check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
-    except UserError as e:  # one line, without argparse's usage block
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except UserError as e:
+        parser.error(e)
     return cfg
 
 
