@@ -230,6 +230,7 @@ def analyze_checkpoint(cfg, data=None, encoders=None):
     folder (so that no analysis overwrites another), else under results_dir/exp_name. Feature
     extraction is split over torchrun's ranks; rank 0 computes the metrics. A tool measures on
     its own data set and encoders, factories as train's `data` and `encoders`."""
+    check(cfg, named_encoders=encoders is None)
     rank, world, device = repa.setup_distributed()
     model, info = sample.load_checkpoint(cfg.ckpt, device)  # the EMA
     data, rows = analysis_images(cfg, info, device, data)
@@ -279,13 +280,7 @@ def parse_args(argv=None):
                                      allow_abbrev=False)
     parser.add_argument("ckpt", help="checkpoint file, or a run folder (its newest checkpoint)")
     repa.add_flags(parser, AnalyzeConfig, skip=("ckpt",))
-    cfg = AnalyzeConfig(**vars(parser.parse_args(argv)))
-    try:
-        check(cfg)
-    except UserError as e:  # one line, without argparse's usage block
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    return cfg
+    return AnalyzeConfig(**vars(parser.parse_args(argv)))
 
 
 def main(argv=None):
