@@ -40,21 +40,12 @@ from repa import UserError, atomic_write, print0  # noqa: E402
 #       The data: procedural shapes, a self-supervised encoder, and a judge      #
 #################################################################################
 
-def _rotated(u, v, angle):
-    """(u, v) turned by -angle: the offsets in the frame of a shape rotated by angle."""
-    return u * angle.cos() + v * angle.sin(), v * angle.cos() - u * angle.sin()
-
-
 class DemoDataset(torch.utils.data.Dataset):
-    """16 x 16 images of one light shape, the class, on a dark background; its size, turn (up to
-    `turn` radians either way), colour and place near the centre, and the background's colour and
-    gradient, are random, so that only the shape tells the class. In pixel space: the 'moments'
-    are the image in [-1, 1] with std 0, the training step the same code as for latents.
-
-    Centred and always lighter, because at high noise a SiT's label moves its velocity only as far
-    as the classes' mean images lie apart (rms 0.26 here; 0.012 for shapes anywhere, either
-    brightness). Turned by at most 0.5 radians, because a shape of any turn makes its class a ring
-    of images whose turn a sample must pick in its noisiest steps (bars then came out as specks)."""
+    """16 x 16 images of one light shape, the class, on a dark background; the rest is random, so
+    that only the shape tells the class. In pixel space: the 'moments' are the image in [-1, 1]
+    with std 0. Centred and lighter: at high noise a SiT's label moves its velocity only as far as
+    the classes' mean images lie apart (rms 0.26 here; 0.012 for shapes anywhere, either
+    brightness). Turned little: with any turn a sample must pick the turn in its noisiest steps."""
     latent_scale = 1.0
     num_classes, resolution = 10, 16
     description = ("procedural shapes in pixel space (no VAE); the alignment target is "
@@ -83,30 +74,31 @@ class DemoDataset(torch.utils.data.Dataset):
         g = torch.Generator().manual_seed(seed)
         uniform = lambda low, high, *shape: low + (high - low) * torch.rand(*shape, generator=g)
         r = self.resolution
+        # (u, v) turned by -a: the offsets in the frame of a shape turned by a
+        rotated = lambda u, v, a: (u * a.cos() + v * a.sin(), v * a.cos() - u * a.sin())
         yy, xx = torch.meshgrid(torch.arange(r) + 0.5, torch.arange(r) + 0.5, indexing="ij")
         self.labels = torch.randint(0, self.num_classes, (n,), generator=g)
         size = uniform(*self.size_range, n, 1, 1)
         cx, cy = (r / 2 + uniform(-self.jitter, self.jitter, n, 1, 1) for _ in "xy")
         turn = uniform(-self.turn, self.turn, n, 1, 1)
-        u, v = _rotated((xx - cx) / size, (yy - cy) / size, turn)
+        u, v = rotated((xx - cx) / size, (yy - cy) / size, turn)
         mask = torch.empty(n, r, r, dtype=torch.bool)
         for c, inside in enumerate(self.shapes):  # each image tested against its own shape only
             k = self.labels == c
             mask[k] = inside(u[k], v[k], torch.hypot(u[k], v[k]))
         # a light colour on a dark background, with a random linear gradient
         colour, background = uniform(0.55, 1, n, 3, 1, 1), uniform(0, 0.35, n, 3, 1, 1)
-        ramp, _ = _rotated((xx - r / 2) / (r / 2), (yy - r / 2) / (r / 2),
-                           uniform(0, 2 * math.pi, n, 1, 1, 1))
+        ramp, _ = rotated((xx - r / 2) / (r / 2), (yy - r / 2) / (r / 2),
+                          uniform(0, 2 * math.pi, n, 1, 1, 1))
         background = (background + ramp * uniform(-self.ramp, self.ramp, n, 3, 1, 1)).clamp(0, 1)
         self.images = (torch.where(mask[:, None], colour, background) * 255).round().byte()
 
     def __len__(self):
         return len(self.labels)
 
-    def __getitems__(self, indices):
-        images = self.images[indices]
-        mean = images.float() / 127.5 - 1
-        return images, torch.cat([mean, torch.zeros_like(mean)], dim=1), self.labels[indices]
+    def __getitems__(self, indices):  # (images, moments: the image in [-1, 1] and std 0, labels)
+        mean = self.images[indices].float() / 127.5 - 1
+        return self.images[indices], torch.cat([mean, 0 * mean], dim=1), self.labels[indices]
 
 
 def cache_once(name, make, module, every_rank=False):
@@ -131,12 +123,6 @@ def cache_once(name, make, module, every_rank=False):
         raise UserError(f"{path} was made for another version of the demo: delete it, and it "
                         f"is made again") from None
     return state["info"]
-
-
-def fit_shown(params, loss, steps, lr, desc, **kwargs):
-    """repa.fit with a progress bar: the first run trains the encoder and judge for minutes."""
-    with tqdm(total=steps, desc=desc, unit="step") as bar:
-        repa.fit(params, lambda step: (bar.update(), loss(step))[1], steps, lr, **kwargs)
 
 
 DEMO_ENCODER = "demo-simclr-vit"
@@ -191,37 +177,6 @@ def simclr_view(images, g):
             ).clamp(0, 1)
 
 
-def pretrain_simclr(steps, batch_size=128, temperature=0.2):
-    """SimCLR (Chen et al. 2020) on demo images of seed 100 (never the training set's): two views
-    of each image, their pooled tokens through a projection head (Linear, BN, ReLU, Linear), and
-    the InfoNCE (NT-Xent) loss that finds each view's partner among the other 2B - 1 views; AdamW,
-    20 warm-up steps, cosine decay. Returns the encoder, frozen, its tokens standardized; the head
-    is dropped."""
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    data, vit = DemoDataset(20_000, seed=100), demo_vit()
-    head = nn.Sequential(nn.Linear(vit.embed_dim, 256), nn.BatchNorm1d(256), nn.ReLU(),
-                         nn.Linear(256, 64))
-    partner = torch.arange(2 * batch_size).roll(batch_size)  # view i's partner: i + B or i - B
-
-    def loss(step):
-        images = data.images[torch.randint(0, len(data), (batch_size,), generator=g)]
-        views = torch.cat([simclr_view(images, g), simclr_view(images, g)])
-        z = F.normalize(head(vit.forward_features(views).mean(1)), dim=-1)
-        return F.cross_entropy((z @ z.T / temperature).fill_diagonal_(-math.inf), partner)
-    fit_shown([*vit.parameters(), *head.parameters()], loss, steps, 2e-3, "SimCLR", warmup=20)
-    # The tokens share one large direction (a token's cosine to the mean token: 0.85), so as a
-    # cosine target they are nearly constant and eq. (8) carries little. Standardized in each
-    # channel over the pretraining images, the target is what varies between patches and images
-    # (the mean cosine of two tokens: 0.73 before, 0.01 after).
-    vit.eval().requires_grad_(False)
-    with torch.no_grad():
-        tokens = torch.cat([vit.forward_features(b / 255) for b in data.images[:2000].split(500)])
-    vit.norm.mean.copy_(tokens.mean((0, 1)))
-    vit.norm.std.copy_(tokens.std((0, 1)))
-    return vit
-
-
 def demo_probe(features):
     """Linear-probe accuracy of pooled features (function: uint8 images -> (B, D)) on the demo's
     classes: trained on 5,000 images of seed 7, tested on 2,000 of seed 8."""
@@ -232,16 +187,46 @@ def demo_probe(features):
                              epochs=100, batch_size=1000, lr=1e-2)
 
 
+def pretrain_simclr(batch_size=128, temperature=0.2):
+    """SimCLR (Chen et al. 2020) on demo images of seed 100 (not the training set's): two views of
+    each image, their pooled tokens through a projection head, and the InfoNCE (NT-Xent) loss
+    that finds each view's partner among the other 2B - 1 views. Returns the encoder (the head
+    dropped) and its steps and linear probe."""
+    steps = DEMO_ENCODER_STEPS
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    data, vit = DemoDataset(20_000, seed=100), demo_vit()
+    head = nn.Sequential(nn.Linear(vit.embed_dim, 256), nn.BatchNorm1d(256), nn.ReLU(),
+                         nn.Linear(256, 64))
+    partner = torch.arange(2 * batch_size).roll(batch_size)  # view i's partner: i + B or i - B
+
+    def loss(step):
+        bar.update()
+        images = data.images[torch.randint(0, len(data), (batch_size,), generator=g)]
+        views = torch.cat([simclr_view(images, g), simclr_view(images, g)])
+        z = F.normalize(head(vit.forward_features(views).mean(1)), dim=-1)
+        return F.cross_entropy((z @ z.T / temperature).fill_diagonal_(-math.inf), partner)
+    with tqdm(total=steps, desc="SimCLR", unit="step") as bar:  # minutes, on the first run
+        repa.fit([*vit.parameters(), *head.parameters()], loss, steps, 2e-3, warmup=20)
+    # The tokens share one large direction (a token's cosine to the mean token: 0.85), so as a
+    # cosine target they are nearly constant and eq. (8) carries little. Standardized in each
+    # channel over the pretraining images, the target is what varies between patches and images
+    # (the mean cosine of two tokens: 0.73 before, 0.01 after).
+    vit.eval().requires_grad_(False)
+    with torch.no_grad():
+        tokens = torch.cat([vit.forward_features(b / 255) for b in data.images[:2000].split(500)])
+    vit.norm.mean.copy_(tokens.mean((0, 1)))
+    vit.norm.std.copy_(tokens.std((0, 1)))
+    probe = demo_probe(lambda b: vit.forward_features(b / 255).mean(1))
+    print0(f"{DEMO_ENCODER}: linear probe on its pooled features {probe:.3f} (chance 0.1)")
+    return vit, {"steps": steps, "probe": round(probe, 4)}
+
+
 def demo_encoders(device="cpu"):
     """The demo's alignment target: the SimCLR ViT. Its inputs are the images in [0, 1] as they
     are (mean 0, std 1); its features the 64 patch tokens."""
-    def make():
-        vit = pretrain_simclr(DEMO_ENCODER_STEPS)
-        probe = demo_probe(lambda b: vit.forward_features(b / 255).mean(1))
-        print0(f"{DEMO_ENCODER}: linear probe on its pooled features {probe:.3f} (chance 0.1)")
-        return vit, {"steps": DEMO_ENCODER_STEPS, "probe": round(probe, 4)}
     vit = demo_vit()
-    cache_once(DEMO_ENCODER + ".pt", make, vit, every_rank=True)
+    cache_once(DEMO_ENCODER + ".pt", pretrain_simclr, vit, every_rank=True)
     return [repa.Encoder(name=DEMO_ENCODER, model=vit.to(device).eval().requires_grad_(False),
                          size=DemoDataset.resolution, patch=DEMO_PATCH,
                          mean=torch.zeros(1, 3, 1, 1, device=device),
@@ -256,14 +241,10 @@ def demo_judge(device="cpu"):
     and data than the encoder) trained on the labels (cross-entropy, AdamW, cosine; seed 1, images
     of seed 200), with its accuracy on held-out images. Its input is x / 255; `body` gives the
     128-d features of FD_demo, `classify` the class of a sample. Rank 0 alone judges."""
-    def judge_net():
-        layers, width = [], 3
-        for out, stride in ((32, 1), (64, 2), (128, 2), (128, 2)):
-            layers += [nn.Conv2d(width, out, 3, stride, 1), nn.BatchNorm2d(out), nn.ReLU()]
-            width = out
-        return nn.Sequential(OrderedDict(
-            body=nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()),
-            classify=nn.Linear(width, DemoDataset.num_classes)))
+    conv = lambda i, o, stride: [nn.Conv2d(i, o, 3, stride, 1), nn.BatchNorm2d(o), nn.ReLU()]
+    judge_net = lambda: nn.Sequential(OrderedDict(body=nn.Sequential(
+        *conv(3, 32, 1), *conv(32, 64, 2), *conv(64, 128, 2), *conv(128, 128, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten()), classify=nn.Linear(128, DemoDataset.num_classes)))
 
     def make():
         torch.manual_seed(1)
@@ -271,9 +252,11 @@ def demo_judge(device="cpu"):
         judge, data, test = judge_net(), DemoDataset(20_000, seed=200), DemoDataset(2000, seed=8)
 
         def loss(step):
+            bar.update()
             rows = torch.randint(0, len(data), (128,), generator=g)
             return F.cross_entropy(judge(data.images[rows] / 255), data.labels[rows])
-        fit_shown(judge.parameters(), loss, DEMO_JUDGE_STEPS, 2e-3, "judge")
+        with tqdm(total=DEMO_JUDGE_STEPS, desc="judge", unit="step") as bar:
+            repa.fit(judge.parameters(), loss, DEMO_JUDGE_STEPS, 2e-3)
         with torch.no_grad():
             right = judge.eval()(test.images / 255).argmax(1) == test.labels
         return judge, {"steps": DEMO_JUDGE_STEPS, "accuracy": round(right.float().mean().item(), 4)}
@@ -298,10 +281,9 @@ NOT_FLAGS = ("data_dir", "resolution", "vae", "enc_type", "bench")
 
 def demo_score(run, num_steps=6):
     """The demo's --align-every: repa's alignment measures on held-out shapes, and the judge's
-    verdict on samples of the EMA (as FID judges a real run): FD_demo, the Fréchet distance of the
-    judge's features of samples and held-out images, and the share of samples the judge puts in
-    their class. The samples: as many as the held-out images, the classes in turn, the same noise
-    all run, Heun in 6 steps, no guidance (as the paper's headline FID at 400K steps)."""
+    verdict on samples of the EMA (as FID on a real run): FD_demo, the Fréchet distance of its
+    features of samples and held-out images, and the share of samples in their class. The same
+    noise all run, the classes in turn, Heun in 6 steps, no guidance (as the paper's headline)."""
     heldout = DemoDataset(run.cfg.align_images, seed=HELDOUT_SEED)
     align = repa.AlignmentLog(run, heldout)
     judge, info = demo_judge(run.device)
@@ -313,8 +295,7 @@ def demo_score(run, num_steps=6):
     noise = torch.randn(heldout.images.shape, generator=g).to(run.device)
     solver = sample.Solver("ode", num_steps, heun=True, cfg_scale=1.0, path_type=run.cfg.path_type)
     chunk = 4 * max(1, run.cfg.batch_size // run.world)  # 4 x what a training step holds
-    autocast = torch.autocast(run.device.type, dtype=torch.bfloat16,
-                              enabled=run.precision == "bf16")
+    autocast = torch.autocast(run.device.type, torch.bfloat16, run.precision == "bf16")
 
     @torch.no_grad()
     def measure():
@@ -368,11 +349,10 @@ def speedups(vanilla, aligned):
 
 
 def gap_and_slope(vanilla, aligned):
-    """Why the speed-up is what it is: (r, s), REPA's FD_demo r times lower than vanilla's at the
-    last step, and vanilla's falling there as step^-s (over its last two measurements). On a
-    power law REPA then reaches vanilla's final value at 1 / r^(1/s) of the steps: the paper's
-    vanilla SiT-XL/2 (FID 17.2 at 400K steps, 8.3 at 7M: s = 0.25) makes its r = 2.2 at 400K worth
-    about 20x; the demo's s near 1 makes its r of 1.2-1.3 worth 1.2x-1.4x (README: "The goal")."""
+    """(r, s): REPA's FD_demo r times lower than vanilla's at the last step, vanilla's falling as
+    step^-s over its last two measurements. On a power law REPA then needs 1 / r^(1/s) of the
+    steps: the paper's s = 0.25 (FID 17.2 at 400K steps, 8.3 at 7M) makes its r = 2.2 worth about
+    20x; the demo's s near 1 makes its r of 1.2-1.3 worth 1.2x-1.4x (README: "The goal")."""
     (steps, values), repa_values = vanilla, aligned[1]
     s = math.log(values[-2] / values[-1]) / math.log(steps[-1] / steps[-2])
     return values[-1] / repa_values[-1], s
@@ -416,8 +396,8 @@ def plot_compare(curves, metrics, folder, cfg):
 
 
 def train_in_child(cfg, threads):
-    """One run of train_side_by_side: its own threads, its output in its folder's train.log, its
-    own session, so that a signal reaches it once, from the parent."""
+    """One run of train_side_by_side, its output in its train.log, in its own session: a signal
+    reaches it once, from the parent."""
     os.setsid()
     torch.set_num_threads(threads)
     folder = os.path.join(cfg.results_dir, cfg.exp_name)
@@ -436,11 +416,9 @@ def progress(folder):
 
 
 def train_side_by_side(cfgs, threads):
-    """Train the runs at once, each in a child process with `threads` threads (a model this small
-    uses a second thread poorly: on a 2-core CPU the pair trains in 50-60% of the time of one
-    after the other), the encoder and judge made first, once. One progress line shows both runs;
-    SIGINT and SIGTERM are passed on to the children, once: they save and stop. Returns whether
-    both finished."""
+    """Train the runs at once, each in a child process with `threads` threads (so a 2-core CPU
+    trains the pair in 50-60% of the time of one after the other); SIGINT and SIGTERM are passed
+    on to them, once: they save and stop. Returns whether both finished."""
     demo_encoders(), demo_judge()
     context = torch.multiprocessing.get_context("spawn")
     children = [context.Process(target=train_in_child, args=(c, threads)) for c in cfgs]
@@ -474,10 +452,30 @@ def train_side_by_side(cfgs, threads):
     return not stop
 
 
-def compare_report(cfg, folder, curves):
-    """compare.md: the speed-up (the steps REPA needs to reach vanilla's final FD_demo), REPA's gap
-    and vanilla's slope that set it, and every measurement of both runs with the speed-up read
-    there; and compare.png."""
+def demo_compare(cfg):
+    """Train the vanilla SiT (lambda = 0) and SiT + REPA with the same seed: the same initial
+    weights, data order, noise and steps, so that the alignment term is the only difference;
+    both are measured every --align-every steps (a finished run is not trained again). Then
+    compare.md: the speed-up (vanilla's steps over the steps REPA needs to reach its final
+    FD_demo), what sets it, and every measurement of both runs; and compare.png."""
+    if not (cfg.proj_coeff > 0 and 0 < cfg.align_every <= cfg.max_steps):
+        raise UserError("--compare trains with and without REPA and measures both: it needs "
+                        "a --proj-coeff above 0 and an --align-every from 1 to --max-steps")
+    folder = os.path.join(cfg.results_dir, cfg.exp_name)
+    runs = {name: replace(cfg, proj_coeff=coeff, exp_name=os.path.join(cfg.exp_name, name.lower()))
+            for name, coeff in (("vanilla", 0.0), ("REPA", cfg.proj_coeff))}
+    threads = torch.get_num_threads() // len(runs)
+    if "RANK" in os.environ or torch.cuda.is_available() or threads < 1:
+        for name, run_cfg in runs.items():
+            print0(f"--- {name}: lambda = {run_cfg.proj_coeff}")
+            train_demo(run_cfg)
+    else:
+        repa.check_config(cfg, 1, named_encoders=False)  # before the encoder and judge are made
+        if not train_side_by_side(list(runs.values()), threads):
+            return
+    if int(os.environ.get("RANK", 0)):
+        return
+    curves = {name: metric_curves(os.path.join(folder, name.lower())) for name in runs}
     block = next(k for k in curves["REPA"] if k.startswith("probe/block"))[11:]  # the aligned
     metrics = {"fd_demo": "FD_demo, no guidance (lower is better)",
                "class_acc": "class accuracy of samples, no guidance",
@@ -497,39 +495,13 @@ def compare_report(cfg, folder, curves):
              "speed-up: a row's step over the step at which REPA reached vanilla's FD_demo of "
              "that row.", "", "| step | " + " | ".join(f"{m} vanilla | {m} REPA" for m in metrics)
              + " | speed-up |", "|---" * (2 + 2 * len(metrics)) + "|"]
-    lines += [f"| {step} | " + " | ".join([f"{curves[name][m][1][i]:.4g}" for m in metrics for
-                                           name in curves] + [f"{ups[i]:.2f}x" if ups[i] else
-                                                              "none"]) + " |"
-              for i, step in enumerate(steps)]
+    for i, step in enumerate(steps):
+        cells = [f"{curves[name][m][1][i]:.4g}" for m in metrics for name in runs]
+        lines.append(f"| {step} | {' | '.join(cells)} | {f'{ups[i]:.2f}x' if ups[i] else 'none'} |")
     atomic_write(os.path.join(folder, "compare.md"), lambda f: f.write("\n".join(lines) + "\n"),
                  "w")
     plot_compare(curves, metrics, folder, cfg)
-    print0(speedup + f". Report: {os.path.join(folder, 'compare.md')}, "
-           f"{os.path.join(folder, 'compare.png')}")
-
-
-def demo_compare(cfg):
-    """Train the vanilla SiT (lambda = 0) and SiT + REPA with the same seed: the same initial
-    weights, data order, noise and steps, so that the alignment term is the only difference;
-    both are measured every --align-every steps. A finished run is not trained again."""
-    if not (cfg.proj_coeff > 0 and 0 < cfg.align_every <= cfg.max_steps):
-        raise UserError("--compare trains with and without REPA and measures both: it needs "
-                        "a --proj-coeff above 0 and an --align-every from 1 to --max-steps")
-    folder = os.path.join(cfg.results_dir, cfg.exp_name)
-    runs = {name: replace(cfg, proj_coeff=coeff, exp_name=os.path.join(cfg.exp_name, name.lower()))
-            for name, coeff in (("vanilla", 0.0), ("REPA", cfg.proj_coeff))}
-    threads = torch.get_num_threads() // len(runs)
-    if "RANK" in os.environ or torch.cuda.is_available() or threads < 1:
-        for name, run_cfg in runs.items():
-            print0(f"--- {name}: lambda = {run_cfg.proj_coeff}")
-            train_demo(run_cfg)
-    else:
-        repa.check_config(cfg, 1, named_encoders=False)  # before the encoder and judge are made
-        if not train_side_by_side(list(runs.values()), threads):
-            return
-    if int(os.environ.get("RANK", 0)) == 0:
-        compare_report(cfg, folder, {n: metric_curves(os.path.join(folder, n.lower()))
-                                     for n in runs})
+    print0(f"{speedup}. Report: {os.path.join(folder, 'compare.md')}, compare.png")
 
 
 #################################################################################
@@ -537,9 +509,8 @@ def demo_compare(cfg):
 #################################################################################
 
 def parse_args(argv=None):
-    """(Config, compare, AnalyzeConfig or None) from the command line: the demo's own flags, then
-    repa.py's training flags and tools/analyze.py's with the demo's defaults. Their values are
-    checked where they are used, before anything slow."""
+    """(Config, compare, AnalyzeConfig or None): the demo's own flags, then repa.py's training flags
+    and tools/analyze.py's with the demo's defaults."""
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
                                      allow_abbrev=False)
     parser.add_argument("--compare", action="store_true", help="train vanilla (lambda 0) and "
