@@ -77,14 +77,6 @@ def parse_times(text):
     return ts
 
 
-def check(cfg, named_encoders=True):
-    """Every value and name, before anything is read: one line that names the bad one."""
-    repa.check_values(cfg, LIMITS, images="analyze_images")
-    parse_times(cfg.analyze_t)
-    for entry in cfg.enc_type.split(",") if named_encoders else []:
-        repa.parse_encoder(entry)
-
-
 class ImageFolderData(torch.utils.data.Dataset):
     """An ImageNet-style folder read on the fly: a measurement reads each image once, so shards
     would not pay. ADM crop and SD-VAE moments per batch, in this process (on its GPU)."""
@@ -100,8 +92,7 @@ class ImageFolderData(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitems__(self, indices):
-        images, _, failed = evaluate.read_images([self.paths[i] for i in indices],
-                                                 self.resolution, tqdm(disable=True))
+        images, _, failed = evaluate.read_images([self.paths[i] for i in indices], self.resolution)
         if failed:  # a measurement over other images than asked for would mislead
             raise UserError(f"cannot read {failed[0]}")
         moments = prepare.vae_moments(self.vae, images, len(images), self.device)
@@ -197,11 +188,10 @@ def alignment_report(labels, enc, sit, ts, encoders, num_classes, cfg, device):
 def plot_alignment(result, path):
     """The PNG: linear-probe accuracy against block (fig. 2a: one line per t, each encoder's own
     accuracy dashed), then CKNNA against block for each encoder (fig. 2b: one line per t)."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # files only, no display
     encoders = result["encoders"]
-    fig, axes = plt.subplots(1, 1 + len(encoders), figsize=(5.5 * (1 + len(encoders)), 4.2))
+    fig = Figure(figsize=(5.5 * (1 + len(encoders)), 4.2))
+    axes = fig.subplots(1, 1 + len(encoders), squeeze=False)[0]
     panels = [(axes[0], result["probe"], "linear probe top-1 accuracy", "(a) semantic gap")] + [
         (ax, e["cknna"], f"CKNNA with {name}", "(b) alignment")
         for ax, (name, e) in zip(axes[1:], encoders.items())]
@@ -220,7 +210,6 @@ def plot_alignment(result, path):
                  f"k = {result['knn']}, t = 0 is data", fontsize=10)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
 
 
 def analyze_checkpoint(cfg, data=None, encoders=None):
@@ -230,6 +219,10 @@ def analyze_checkpoint(cfg, data=None, encoders=None):
     folder (so that no analysis overwrites another), else under results_dir/exp_name. Feature
     extraction is split over torchrun's ranks; rank 0 computes the metrics. A tool measures on
     its own data set and encoders, factories as train's `data` and `encoders`."""
+    repa.check_values(cfg, LIMITS, images="analyze_images")  # every value and name, first
+    ts = parse_times(cfg.analyze_t)
+    for entry in cfg.enc_type.split(",") if encoders is None else []:
+        repa.parse_encoder(entry)
     rank, world, device = repa.setup_distributed()
     model, info = sample.load_checkpoint(cfg.ckpt, device)  # the EMA
     data, rows = analysis_images(cfg, info, device, data)
@@ -238,7 +231,6 @@ def analyze_checkpoint(cfg, data=None, encoders=None):
                         f"{world} processes")
     encoders = encoders(device) if encoders else repa.load_encoders(
         cfg.enc_type, info["resolution"], device)
-    ts = parse_times(cfg.analyze_t)
     print0(f"measuring {info['path']} ({len(model.blocks)} blocks) on {len(rows):,} images at "
            f"t = {ts} against {', '.join(e.name for e in encoders)}; no class label")
     labels, enc, sit = extract_features(model, encoders, data, rows, ts, cfg, info, device)
@@ -274,22 +266,12 @@ def analyze_checkpoint(cfg, data=None, encoders=None):
     return result
 
 
-def parse_args(argv=None):
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
                                      allow_abbrev=False)
     parser.add_argument("ckpt", help="checkpoint file, or a run folder (its newest checkpoint)")
     repa.add_flags(parser, AnalyzeConfig, skip=("ckpt",))
     cfg = AnalyzeConfig(**vars(parser.parse_args(argv)))
-    try:
-        check(cfg)
-    except UserError as e:  # one line, without argparse's usage block
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    return cfg
-
-
-def main(argv=None):
-    cfg = parse_args(argv)
     repa.run_command(lambda: analyze_checkpoint(cfg), [evaluate.UserError])
 
 

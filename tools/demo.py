@@ -4,25 +4,24 @@ The laptop demo: REPA's speed-up in miniature, on a CPU, in one command.
 ImageNet + DINOv2 + Inception in miniature: 16 x 16 images of ten shapes (DemoDataset), a small ViT
 pretrained on them without labels (SimCLR) as the target, and a CNN on the labels as the judge
 (FD_demo, class accuracy). A T/2 SiT trains on them in pixel space through repa.train's seam, so
-training's flags, resume and torchrun work as for the paper's runs.
+training's flags, resume and torchrun work as for the paper's runs. The design and its numbers:
+README, "Try it: the demo".
 
   python tools/demo.py                         # REPA on the shapes: ~8 min on a 2-core CPU
   python tools/demo.py --compare               # vanilla and REPA side by side: compare.md / .png
   python tools/demo.py --analyze results/demo  # fig. 2 (CKNNA, linear probes) on held-out shapes
   torchrun --nproc_per_node=2 tools/demo.py --max-steps 20
   python sample.py --ckpt results/demo         # a labelled grid of samples
-
-The encoder and the judge are trained once and cached ($REPA_CACHE, else ~/.cache/repa).
 """
 import argparse
 import contextlib
-import itertools
 import json
 import math
 import os
 import signal
 import sys
 import time
+from collections import OrderedDict
 from dataclasses import fields, replace
 
 import torch
@@ -35,42 +34,25 @@ import analyze  # noqa: E402
 import evaluate  # noqa: E402
 import repa  # noqa: E402
 import sample  # noqa: E402
-from repa import UserError, atomic_write, barrier, fit, print0  # noqa: E402
+from repa import UserError, atomic_write, print0  # noqa: E402
 
 #################################################################################
 #       The data: procedural shapes, a self-supervised encoder, and a judge      #
 #################################################################################
-# The shapes are centred, with everything else random; the encoder is SimCLR's (a contrastive
-# objective as MoCo v3's, in a minute or two); the judge never serves as the target.
-
-def _rotated(u, v, angle):
-    """(u, v) turned by -angle: the offsets in the frame of a shape rotated by angle."""
-    return u * angle.cos() + v * angle.sin(), v * angle.cos() - u * angle.sin()
-
 
 class DemoDataset(torch.utils.data.Dataset):
-    """A procedural, class-conditional dataset generated in memory: 16 x 16 images
-    of one light shape, the class, on a dark background; its size, turn (up to `turn` radians
-    either way) and colour, its place near the centre, and the background's colour and gradient,
-    are random, so that a model must learn the shape itself. Training on it is in pixel space (no
-    VAE): the 'moments' are the image in [-1, 1] with std 0, so the training step is the same code
-    as for latents, with scale 1.
-
-    Why centred and always lighter: a SiT learns the mean of the clean image given the noisy one
-    and the label, and at high noise the label moves that mean only as far as the classes' mean
-    images lie apart (rms 0.26 from their mean here; 0.012 for shapes anywhere, light or dark,
-    where the label moved the velocity by 3-7% and a sixth of the samples were of their class).
-    Why turned by at most 0.5 radians: a shape that may take any turn makes its class a ring of
-    images, and a sample must pick its turn in the first, noisiest steps; with any turn the SiT
-    drew bars as specks at 1,000 steps, with the turns limited three quarters of the samples are
-    of their class without guidance."""
+    """16 x 16 images of one light shape, the class, on a dark background; the rest is random, so
+    that only the shape tells the class. In pixel space: the 'moments' are the image in [-1, 1]
+    with std 0. Centred and lighter: at high noise a SiT's label moves its velocity only as far as
+    the classes' mean images lie apart (rms 0.26 here; 0.012 for shapes anywhere, either
+    brightness). Turned little: with any turn a sample must pick the turn in its noisiest steps."""
     latent_scale = 1.0
     num_classes, resolution = 10, 16
     description = ("procedural shapes in pixel space (no VAE); the alignment target is "
                    "demo-simclr-vit, a ViT pretrained on the shapes without labels (SimCLR)")
     version = 3  # of the images' recipe: networks cached for another recipe are not used
-    # half a shape's extent, its centre's offset from the image's centre (each axis), in pixels;
-    # its largest turn either way, in radians; the background's gradient
+    # half a shape's extent and its centre's offset from the image's centre (each axis), in
+    # pixels; its largest turn either way, in radians; the background's gradient
     size_range, jitter, turn, ramp = (5, 6.7), 1.0, 0.5, 0.05
     class_names = ["disk", "ring", "square", "frame", "triangle", "plus", "bar", "crescent", "L",
                    "half-disk"]
@@ -92,53 +74,48 @@ class DemoDataset(torch.utils.data.Dataset):
         g = torch.Generator().manual_seed(seed)
         uniform = lambda low, high, *shape: low + (high - low) * torch.rand(*shape, generator=g)
         r = self.resolution
+        # (u, v) turned by -a: the offsets in the frame of a shape turned by a
+        rotated = lambda u, v, a: (u * a.cos() + v * a.sin(), v * a.cos() - u * a.sin())
         yy, xx = torch.meshgrid(torch.arange(r) + 0.5, torch.arange(r) + 0.5, indexing="ij")
         self.labels = torch.randint(0, self.num_classes, (n,), generator=g)
-        size = uniform(*self.size_range, n, 1, 1)  # half the shape's extent, in pixels
+        size = uniform(*self.size_range, n, 1, 1)
         cx, cy = (r / 2 + uniform(-self.jitter, self.jitter, n, 1, 1) for _ in "xy")
         turn = uniform(-self.turn, self.turn, n, 1, 1)
-        u, v = _rotated((xx - cx) / size, (yy - cy) / size, turn)
+        u, v = rotated((xx - cx) / size, (yy - cy) / size, turn)
         mask = torch.empty(n, r, r, dtype=torch.bool)
         for c, inside in enumerate(self.shapes):  # each image tested against its own shape only
             k = self.labels == c
             mask[k] = inside(u[k], v[k], torch.hypot(u[k], v[k]))
         # a light colour on a dark background, with a random linear gradient
         colour, background = uniform(0.55, 1, n, 3, 1, 1), uniform(0, 0.35, n, 3, 1, 1)
-        ramp, _ = _rotated((xx - r / 2) / (r / 2), (yy - r / 2) / (r / 2),
-                           uniform(0, 2 * math.pi, n, 1, 1, 1))
+        ramp, _ = rotated((xx - r / 2) / (r / 2), (yy - r / 2) / (r / 2),
+                          uniform(0, 2 * math.pi, n, 1, 1, 1))
         background = (background + ramp * uniform(-self.ramp, self.ramp, n, 3, 1, 1)).clamp(0, 1)
         self.images = (torch.where(mask[:, None], colour, background) * 255).round().byte()
 
     def __len__(self):
         return len(self.labels)
 
-    def __getitems__(self, indices):
-        images = self.images[indices]
-        mean = images.float() / 127.5 - 1
-        return images, torch.cat([mean, torch.zeros_like(mean)], dim=1), self.labels[indices]
-
-
-def demo_cache(name):
-    """Where the demo's pretrained networks are kept: $REPA_CACHE, else ~/.cache/repa, in a folder
-    for the version of the images they are made on."""
-    folder = os.environ.get("REPA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "repa")
-    folder = os.path.join(folder, f"shapes-v{DemoDataset.version}")
-    os.makedirs(folder, exist_ok=True)
-    return os.path.join(folder, name)
+    def __getitems__(self, indices):  # (images, moments: the image in [-1, 1] and std 0, labels)
+        mean = self.images[indices].float() / 127.5 - 1
+        return self.images[indices], torch.cat([mean, 0 * mean], dim=1), self.labels[indices]
 
 
 def cache_once(name, make, module, every_rank=False):
-    """Load into `module` the weights kept under `name`, made the first time by make() ->
-    (trained module, info) and saved with that info. Returns the info. With every_rank (all
-    processes of torchrun call it), rank 0 makes them while the others wait."""
-    path = demo_cache(name)
+    """Load into `module` the weights kept as `name` in $REPA_CACHE (else ~/.cache/repa), in a
+    folder of the images' version; the first time make() -> (trained module, info) makes them.
+    Returns the info. every_rank: all of torchrun's processes call it, and wait for rank 0's."""
+    path = os.path.join(os.environ.get("REPA_CACHE") or os.path.expanduser("~/.cache/repa"),
+                        f"shapes-v{DemoDataset.version}", name)
     if int(os.environ.get("RANK", 0)) == 0 and not os.path.isfile(path):
+        print0(f"training {name} once (cached at {path})")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         began = time.perf_counter()
         trained, info = make()
         info["seconds"] = round(time.perf_counter() - began, 1)
         atomic_write(path, lambda f: torch.save({"model": trained.state_dict(), "info": info}, f))
     if every_rank:
-        barrier()
+        repa.barrier()
     state = torch.load(path, map_location="cpu", weights_only=True)
     try:
         module.load_state_dict(state["model"])
@@ -155,7 +132,6 @@ DEMO_ENCODER_STEPS = 200  # SimCLR steps of 2 x 128 views: 1.4-2.5 min on 2 core
 
 class Standardize(nn.Module):
     """x -> (x - mean) / std in each channel, with fixed statistics kept with the weights."""
-
     def __init__(self, dim):
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim))
@@ -166,12 +142,10 @@ class Standardize(nn.Module):
 
 
 def demo_vit():
-    """The demo's encoder: timm's VisionTransformer (as DINOv2 is) with 2 x 2 patches, as many
-    tokens as the demo SiT (64), no CLS token, width 96, 4 blocks; its patch embedding is a small
-    convolutional stem (Xiao et al. 2021, "Early convolutions help transformers see better"). With
-    the plain linear patch embedding, 300 steps of the same pretraining gave a linear probe of 0.16
-    where the stem gave 0.46. Its tokens leave through `Standardize`, the identity until
-    pretrain_simclr sets it (timm's final norm is unused with global_pool="avg")."""
+    """timm's VisionTransformer (as DINOv2 is) with 2 x 2 patches, as many tokens as the demo SiT
+    (64), no CLS token, width 96, 4 blocks; its patch embedding a small convolutional stem (Xiao
+    et al. 2021: with the plain linear one, the same pretraining's linear probe fell from 0.46 to
+    0.16). Its tokens leave through `Standardize`, the identity until pretrain_simclr sets it."""
     import timm
     vit = timm.models.vision_transformer.VisionTransformer(
         img_size=DemoDataset.resolution, patch_size=DEMO_PATCH, embed_dim=96, depth=4, num_heads=3,
@@ -183,12 +157,10 @@ def demo_vit():
 
 
 def simclr_view(images, g):
-    """A random view of uint8 images (B, 3, H, W), in [0, 1]: turned (by at most the demo's
-    `DemoDataset.turn` either way), flipped, scaled and shifted (one affine resampling), the colour
-    channels permuted, the brightness inverted half the time, contrast and brightness jittered.
-    These are the demo's nuisances (pose, colour) and more (a dark shape on light), so what two
-    views of one image share is the shape (turned by any angle, the encoder's probe is 0.80, not
-    0.88, and REPA's lead smaller)."""
+    """A random view of uint8 images (B, 3, H, W), in [0, 1]: turned (by at most the data's
+    `turn`), flipped, scaled and shifted (one affine resampling), the colour channels permuted,
+    the brightness inverted half the time, contrast and brightness jittered: the demo's nuisances
+    and more, so that what two views of one image share is the shape."""
     b = len(images)
     uniform = lambda *shape: torch.rand(*shape, generator=g)
     angle = DemoDataset.turn * (2 * uniform(b) - 1)
@@ -205,119 +177,90 @@ def simclr_view(images, g):
             ).clamp(0, 1)
 
 
-def fit_shown(params, loss, steps, lr, desc, **kwargs):
-    """repa.fit with a progress bar: the first run trains the encoder and judge for minutes."""
-    with tqdm(total=steps, desc=desc, unit="step") as bar:
-        def shown(step):
-            bar.update()
-            return loss(step)
-        fit(params, shown, steps, lr, **kwargs)
+def demo_probe(features):
+    """Linear-probe accuracy of pooled features (function: uint8 images -> (B, D)) on the demo's
+    classes: trained on 5,000 images of seed 7, tested on 2,000 of seed 8."""
+    seen, unseen = DemoDataset(5000, 7), DemoDataset(2000, 8)
+    with torch.no_grad():
+        x = [torch.cat([features(b) for b in d.images.split(500)]) for d in (seen, unseen)]
+    return repa.linear_probe(x[0], seen.labels, x[1], unseen.labels, DemoDataset.num_classes,
+                             epochs=100, batch_size=1000, lr=1e-2)
 
 
-def pretrain_simclr(steps, batch_size=128, lr=2e-3, temperature=0.2, seed=0):
-    """SimCLR (Chen et al. 2020) on demo images it draws itself (seed 100, never the training
-    set's): two views of each image, their pooled tokens through a projection head (Linear, BN,
-    ReLU, Linear), and the InfoNCE (NT-Xent) loss that finds each view's partner among the other
-    2B - 1 views, at temperature 0.2. AdamW, weight decay 0.05, 20 warm-up steps, cosine decay.
-    Returns the encoder, frozen, its tokens standardized (below); the head is dropped."""
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    data, vit = DemoDataset(20_000, seed=100 + seed), demo_vit()
+def pretrain_simclr(batch_size=128, temperature=0.2):
+    """SimCLR (Chen et al. 2020) on demo images of seed 100 (not the training set's): two views of
+    each image, their pooled tokens through a projection head, and the InfoNCE (NT-Xent) loss
+    that finds each view's partner among the other 2B - 1 views. Returns the encoder (the head
+    dropped) and its steps and linear probe."""
+    steps = DEMO_ENCODER_STEPS
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    data, vit = DemoDataset(20_000, seed=100), demo_vit()
     head = nn.Sequential(nn.Linear(vit.embed_dim, 256), nn.BatchNorm1d(256), nn.ReLU(),
                          nn.Linear(256, 64))
     partner = torch.arange(2 * batch_size).roll(batch_size)  # view i's partner: i + B or i - B
 
     def loss(step):
+        bar.update()
         images = data.images[torch.randint(0, len(data), (batch_size,), generator=g)]
         views = torch.cat([simclr_view(images, g), simclr_view(images, g)])
         z = F.normalize(head(vit.forward_features(views).mean(1)), dim=-1)
         return F.cross_entropy((z @ z.T / temperature).fill_diagonal_(-math.inf), partner)
-    fit_shown([*vit.parameters(), *head.parameters()], loss, steps, lr, "SimCLR", warmup=20)
-    # The tokens' residual stream shares one large direction (a token's cosine to the mean token is
-    # 0.85), so as a cosine target it is nearly constant: a projector that outputs that direction
-    # scores 0.95 within 100 steps and eq. (8) carries little. Made zero-mean and unit-variance in
-    # each channel over the pretraining images, the target is what varies between patches and
-    # images (the mean cosine of two tokens: 0.73 before, 0.01 after).
+    with tqdm(total=steps, desc="SimCLR", unit="step") as bar:  # minutes, on the first run
+        repa.fit([*vit.parameters(), *head.parameters()], loss, steps, 2e-3, warmup=20)
+    # The tokens share one large direction (a token's cosine to the mean token: 0.85), so as a
+    # cosine target they are nearly constant and eq. (8) carries little. Standardized in each
+    # channel over the pretraining images, the target is what varies between patches and images
+    # (the mean cosine of two tokens: 0.73 before, 0.01 after).
     vit.eval().requires_grad_(False)
     with torch.no_grad():
         tokens = torch.cat([vit.forward_features(b / 255) for b in data.images[:2000].split(500)])
     vit.norm.mean.copy_(tokens.mean((0, 1)))
     vit.norm.std.copy_(tokens.std((0, 1)))
-    return vit
-
-
-def demo_probe(features):
-    """Linear-probe accuracy of pooled features (function: uint8 images -> (B, D)) on the demo's
-    classes: trained on 5,000 images of seed 7, tested on 2,000 of seed 8."""
-    seen, unseen = (DemoDataset(n, seed) for n, seed in ((5000, 7), (2000, 8)))
-    with torch.no_grad():
-        seen_x, unseen_x = (torch.cat([features(b) for b in d.images.split(500)]) for d in
-                            (seen, unseen))
-    return repa.linear_probe(seen_x, seen.labels, unseen_x, unseen.labels,
-                             DemoDataset.num_classes, epochs=100, batch_size=1000, lr=1e-2)
+    probe = demo_probe(lambda b: vit.forward_features(b / 255).mean(1))
+    print0(f"{DEMO_ENCODER}: linear probe on its pooled features {probe:.3f} (chance 0.1)")
+    return vit, {"steps": steps, "probe": round(probe, 4)}
 
 
 def demo_encoders(device="cpu"):
-    """The demo's alignment target: the SimCLR ViT, pretrained once and cached. Its inputs are the
-    16 px images in [0, 1] as they are (mean 0, std 1); its features the 64 patch tokens."""
-    def make():
-        print0(f"pretraining the demo's encoder ({DEMO_ENCODER}: SimCLR, {DEMO_ENCODER_STEPS} "
-               f"steps, once; cached at {demo_cache(DEMO_ENCODER + '.pt')})")
-        vit = pretrain_simclr(DEMO_ENCODER_STEPS)
-        probe = demo_probe(lambda b: vit.forward_features(b / 255).mean(1))
-        print0(f"{DEMO_ENCODER}: linear probe on its pooled features {probe:.3f} (chance 0.1)")
-        return vit, {"steps": DEMO_ENCODER_STEPS, "probe": round(probe, 4)}
+    """The demo's alignment target: the SimCLR ViT. Its inputs are the images in [0, 1] as they
+    are (mean 0, std 1); its features the 64 patch tokens."""
     vit = demo_vit()
-    cache_once(DEMO_ENCODER + ".pt", make, vit, every_rank=True)
-    zero, one = torch.zeros(1, 3, 1, 1, device=device), torch.ones(1, 3, 1, 1, device=device)
-    return [repa.Encoder(DEMO_ENCODER, vit.to(device).eval().requires_grad_(False),
-                         DemoDataset.resolution, DEMO_PATCH, zero, one, vit.embed_dim, 0)]
-
-
-class DemoJudge(nn.Module):
-    """The demo's evaluator, its Inception: a small CNN (another architecture, objective, seed and
-    data than the encoder), trained on the labels. `features` (128-d, before the classifier) give
-    FD_demo; its predictions give the class accuracy of samples."""
-
-    def __init__(self):
-        super().__init__()
-        layers, width = [], 3
-        for out, stride in ((32, 1), (64, 2), (128, 2), (128, 2)):
-            layers += [nn.Conv2d(width, out, 3, stride, 1), nn.BatchNorm2d(out), nn.ReLU()]
-            width = out
-        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.classify = nn.Linear(width, DemoDataset.num_classes)
-
-    def features(self, images):  # uint8 (B, 3, 16, 16) -> (B, 128)
-        return self.body(images / 255)
-
-    def forward(self, images):  # -> logits
-        return self.classify(self.features(images))
+    cache_once(DEMO_ENCODER + ".pt", pretrain_simclr, vit, every_rank=True)
+    return [repa.Encoder(name=DEMO_ENCODER, model=vit.to(device).eval().requires_grad_(False),
+                         size=DemoDataset.resolution, patch=DEMO_PATCH,
+                         mean=torch.zeros(1, 3, 1, 1, device=device),
+                         std=torch.ones(1, 3, 1, 1, device=device), dim=vit.embed_dim, prefix=0)]
 
 
 DEMO_JUDGE_STEPS = 600
 
 
 def demo_judge(device="cpu"):
-    """The judge, trained once (cross-entropy, AdamW, cosine; seed 1, images of seed 200) and
-    cached, in eval mode. Its accuracy on held-out images is kept with it. Rank 0 alone judges."""
+    """The demo's Inception, never its target: a small CNN (another architecture, objective, seed
+    and data than the encoder) trained on the labels (cross-entropy, AdamW, cosine; seed 1, images
+    of seed 200), with its accuracy on held-out images. Its input is x / 255; `body` gives the
+    128-d features of FD_demo, `classify` the class of a sample. Rank 0 alone judges."""
+    conv = lambda i, o, stride: [nn.Conv2d(i, o, 3, stride, 1), nn.BatchNorm2d(o), nn.ReLU()]
+    judge_net = lambda: nn.Sequential(OrderedDict(body=nn.Sequential(
+        *conv(3, 32, 1), *conv(32, 64, 2), *conv(64, 128, 2), *conv(128, 128, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten()), classify=nn.Linear(128, DemoDataset.num_classes)))
+
     def make():
-        print0(f"training the demo's judge (a CNN on the labels, once; cached at "
-               f"{demo_cache('demo-judge.pt')})")
         torch.manual_seed(1)
         g = torch.Generator().manual_seed(1)
-        judge, data = DemoJudge(), DemoDataset(20_000, seed=200)
+        judge, data, test = judge_net(), DemoDataset(20_000, seed=200), DemoDataset(2000, seed=8)
 
         def loss(step):
+            bar.update()
             rows = torch.randint(0, len(data), (128,), generator=g)
-            return F.cross_entropy(judge(data.images[rows]), data.labels[rows])
-        fit_shown(judge.parameters(), loss, DEMO_JUDGE_STEPS, 2e-3, "judge")
-        judge.eval()
-        test = DemoDataset(2000, seed=8)
+            return F.cross_entropy(judge(data.images[rows] / 255), data.labels[rows])
+        with tqdm(total=DEMO_JUDGE_STEPS, desc="judge", unit="step") as bar:
+            repa.fit(judge.parameters(), loss, DEMO_JUDGE_STEPS, 2e-3)
         with torch.no_grad():
-            accuracy = (judge(test.images).argmax(1) == test.labels).float().mean().item()
-        return judge, {"steps": DEMO_JUDGE_STEPS, "accuracy": round(accuracy, 4)}
-    judge = DemoJudge()
+            right = judge.eval()(test.images / 255).argmax(1) == test.labels
+        return judge, {"steps": DEMO_JUDGE_STEPS, "accuracy": round(right.float().mean().item(), 4)}
+    judge = judge_net()
     info = cache_once("demo-judge.pt", make, judge)
     return judge.to(device).eval().requires_grad_(False), info
 
@@ -336,47 +279,38 @@ HELDOUT_SEED = 1  # alignment and FD_demo are measured on shapes of this seed (t
 NOT_FLAGS = ("data_dir", "resolution", "vae", "enc_type", "bench")
 
 
-class DemoScore:
-    """The demo's --align-every adds the judge's verdict on samples of the EMA (as FID and the
-    paper's samples judge a real run): FD_demo, the Fréchet distance between the judge's features
-    of the samples and of the held-out images (tools/evaluate.py's), and the share of samples the
-    judge puts in the class they were drawn for. The samples: as many as the held-out images, the
-    classes in turn, the same noise all run, Heun's ODE in 6 steps (11 evaluations), no guidance
-    (the paper's headline FID at 400K steps is without guidance)."""
-
-    def __init__(self, run, num_steps=6):
-        # alignment is measured on shapes the run never trains on
-        heldout = DemoDataset(run.cfg.align_images, seed=HELDOUT_SEED)
-        self.run, self.align = run, repa.alignment_log(run, heldout)
-        self.judge, info = demo_judge(run.device)
-        print0(f"the demo's judge: accuracy {info['accuracy']:.3f} on held-out shapes")
-        with torch.no_grad():
-            real = self.judge.features(heldout.images.to(run.device)).cpu()
-            self.real = evaluate.gaussian_statistics(real)
-        g = torch.Generator().manual_seed(run.cfg.seed + 1)
-        size, classes = run.model_kwargs["input_size"], run.model.num_classes
-        shape = (len(heldout), run.model.in_channels, size, size)
-        self.sample_labels = (torch.arange(shape[0]) % classes).to(run.device)
-        self.sample_noise = torch.randn(shape, generator=g).to(run.device)
-        self.solver = sample.Solver("ode", num_steps, heun=True, cfg_scale=1.0,
-                                    path_type=run.cfg.path_type)
+def demo_score(run, num_steps=6):
+    """The demo's --align-every: repa's alignment measures on held-out shapes, and the judge's
+    verdict on samples of the EMA (as FID on a real run): FD_demo, the Fréchet distance of its
+    features of samples and held-out images, and the share of samples in their class. The same
+    noise all run, the classes in turn, Heun in 6 steps, no guidance (as the paper's headline)."""
+    heldout = DemoDataset(run.cfg.align_images, seed=HELDOUT_SEED)
+    align = repa.alignment_log(run, heldout)
+    judge, info = demo_judge(run.device)
+    print0(f"the demo's judge: accuracy {info['accuracy']:.3f} on held-out shapes")
+    with torch.no_grad():
+        real = evaluate.gaussian_statistics(judge.body(heldout.images.to(run.device) / 255).cpu())
+    g = torch.Generator().manual_seed(run.cfg.seed + 1)
+    labels = (torch.arange(len(heldout)) % run.model.num_classes).to(run.device)
+    noise = torch.randn(heldout.images.shape, generator=g).to(run.device)
+    solver = sample.Solver("ode", num_steps, heun=True, cfg_scale=1.0, path_type=run.cfg.path_type)
+    chunk = 4 * max(1, run.cfg.batch_size // run.world)  # 4 x what a training step holds
+    autocast = torch.autocast(run.device.type, torch.bfloat16, run.precision == "bf16")
 
     @torch.no_grad()
-    def __call__(self):
-        run, chunk = self.run, max(1, self.run.cfg.batch_size // self.run.world) * 4
-        with torch.autocast(run.device.type, torch.bfloat16, enabled=run.precision == "bf16"):
-            x = torch.cat([self.solver(run.ema, z, y) for z, y in zip(
-                self.sample_noise.split(chunk), self.sample_labels.split(chunk))])
-        images = repa.to_uint8(x).permute(0, 3, 1, 2).to(run.device)  # as saved
-        feats = self.judge.features(images)
-        fd = evaluate.frechet_distance(*evaluate.gaussian_statistics(feats.cpu()), *self.real)
-        correct = (self.judge.classify(feats).argmax(1) == self.sample_labels).float().mean()
-        return {"fd_demo": round(float(fd), 3), "class_acc": round(correct.item(), 4),
-                **self.align()}
+    def measure():
+        with autocast:
+            x = torch.cat([solver(run.ema, z, y) for z, y in zip(noise.split(chunk),
+                                                                 labels.split(chunk))])
+        feats = judge.body(repa.to_uint8(x).permute(0, 3, 1, 2).to(run.device) / 255)  # as saved
+        fd = evaluate.frechet_distance(*evaluate.gaussian_statistics(feats.cpu()), *real)
+        correct = (judge.classify(feats).argmax(1) == labels).float().mean()
+        return {"fd_demo": round(fd, 3), "class_acc": round(correct.item(), 4), **align()}
+    return measure
 
 
 def train_demo(cfg):  # the seam: the demo's data, target and measurements
-    return repa.train(cfg, data=DemoDataset, encoders=demo_encoders, measure=DemoScore)
+    return repa.train(cfg, data=DemoDataset, encoders=demo_encoders, measure=demo_score)
 
 
 #################################################################################
@@ -385,17 +319,11 @@ def train_demo(cfg):  # the seam: the demo's data, target and measurements
 
 def metric_curves(folder):
     """{metric: (steps, values)} of the measurement rows of a run's metrics.jsonl. A run resumed
-    from a checkpoint before its last measurement measures those steps again: the later row of
-    a step stands."""
+    from before its last measurement measures those steps again: the later row stands."""
     rows = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
     rows = {row["step"]: row for row in rows if "fd_demo" in row}  # not the loss rows
-    curves = {}
-    for step in sorted(rows):
-        for key, value in rows[step].items():
-            steps, values = curves.setdefault(key, ([], []))
-            steps.append(step)
-            values.append(value)
-    return curves
+    steps = sorted(rows)
+    return {key: (steps, [rows[s][key] for s in steps]) for key in rows[steps[-1]]}
 
 
 def steps_to_reach(steps, values, target):
@@ -411,32 +339,27 @@ def steps_to_reach(steps, values, target):
 
 
 def speedups(vanilla, aligned):
-    """The speed-up read along a run: for each of vanilla's measurements (step s, FD_demo v) of
-    (steps, values) curves, s over the step at which REPA, measured up to s, reached v; None
-    where it had not. The last is compare.md's headline."""
-    (steps, values), (repa_steps, repa_values) = vanilla, aligned
+    """For each of vanilla's measurements (step s, FD_demo v) of (steps, values) curves, s over the
+    step at which REPA, measured up to s, reached v; None where it had not."""
     out = []
-    for s, v in zip(steps, values):
-        k = sum(r <= s for r in repa_steps)
-        reached = steps_to_reach(repa_steps[:k], repa_values[:k], v)
+    for s, v in zip(*vanilla):  # REPA's curve as measured up to s
+        reached = steps_to_reach(*(c[:sum(r <= s for r in aligned[0])] for c in aligned), v)
         out.append(s / reached if reached else None)
     return out
 
 
 def gap_and_slope(vanilla, aligned):
-    """Why the speed-up is what it is: (r, s), REPA's FD_demo r times lower than vanilla's at the
-    last step, and vanilla's falling there as step^-s (over its last two measurements). On a
-    power law REPA then reaches vanilla's final value at 1 / r^(1/s) of the steps: the paper's
-    vanilla SiT-XL/2 (FID 17.2 at 400K steps, 8.3 at 7M: s = 0.25) makes its r = 2.2 at 400K worth
-    about 20x; the demo's s near 1 makes its r of 1.2-1.3 worth 1.2x-1.4x (README: "The goal")."""
+    """(r, s): REPA's FD_demo r times lower than vanilla's at the last step, vanilla's falling as
+    step^-s over its last two measurements. On a power law REPA then needs 1 / r^(1/s) of the
+    steps: the paper's s = 0.25 (FID 17.2 at 400K steps, 8.3 at 7M) makes its r = 2.2 worth about
+    20x; the demo's s near 1 makes its r of 1.2-1.3 worth 1.2x-1.4x (README: "The goal")."""
     (steps, values), repa_values = vanilla, aligned[1]
-    r = values[-1] / repa_values[-1]
     s = math.log(values[-2] / values[-1]) / math.log(steps[-1] / steps[-2])
-    return r, s
+    return values[-1] / repa_values[-1], s
 
 
 def explain_speedup(vanilla, aligned):
-    """compare.md's sentence on gap_and_slope: the gap, the slope and the speed-up they predict."""
+    """compare.md's sentence on gap_and_slope."""
     r, s = gap_and_slope(vanilla, aligned)
     return f"At the last step vanilla's FD_demo is {r:.2f} times REPA's, " + (
         f"and vanilla's falls as step^-{s:.2f} (its last two measurements): on that power law "
@@ -448,16 +371,14 @@ def explain_speedup(vanilla, aligned):
 def plot_compare(curves, metrics, folder, cfg):
     """compare.png: the four curves, vanilla against REPA, over the grids of both at the last
     two grid steps, drawn from the same noise."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+    from matplotlib.image import imread
     names = [set(os.listdir(os.path.join(folder, run, "samples"))) if cfg.sample_every else set()
-             for run in ("vanilla", "repa")]  # the training's grids, not sample.py's, if any
+             for run in ("vanilla", "repa")]  # the training's grids (0001000.png), not sample.py's
     grids = sorted(n for n in names[0] & names[1] if n[:7].isdigit() and n[7:] == ".png")[-2:]
-    fig = plt.figure(figsize=(16, 4 + 4.2 * bool(grids)))
-    rows = 1 + bool(grids)
-    for i, (key, title) in enumerate(metrics.items()):
-        ax = fig.add_subplot(rows, 4, i + 1)
+    fig = Figure(figsize=(16, 4 + 4.2 * bool(grids)))
+    axes = fig.subplots(1 + bool(grids), 4, squeeze=False)
+    for ax, (key, title) in zip(axes[0], metrics.items()):
         for name, style in (("vanilla", "--"), ("REPA", "-")):
             ax.plot(*curves[name][key], style, marker="o", markersize=3, label=name)
         ax.set(xlabel="training step", title=title)
@@ -465,20 +386,18 @@ def plot_compare(curves, metrics, folder, cfg):
         ax.legend()
     # Grids guide only a model that learned the null label (label dropout during training)
     guidance = f"CFG {repa.GRID_CFG:g}" if cfg.cfg_prob > 0 else "no guidance"
-    for j, (grid, name) in enumerate(itertools.product(grids, ("vanilla", "repa"))):
-        ax = fig.add_subplot(rows, 4, 5 + j)
-        ax.imshow(plt.imread(os.path.join(folder, name, "samples", grid)))
-        ax.set_title(f"{'REPA' if name == 'repa' else name}, step {int(grid[:7])} ({guidance})")
+    for ax, (grid, run) in zip(axes[1:].flat, [(g, r) for g in grids for r in ("vanilla", "repa")]):
+        ax.imshow(imread(os.path.join(folder, run, "samples", grid)))
+        ax.set_title(f"{'REPA' if run == 'repa' else run}, step {int(grid[:7])} ({guidance})")
         ax.axis("off")
     fig.tight_layout()
     atomic_write(os.path.join(folder, "compare.png"), lambda f: fig.savefig(f, format="png",
                                                                            dpi=110))
-    plt.close(fig)
 
 
 def train_in_child(cfg, threads):
-    """One run of train_side_by_side: its own threads, its output in its folder's train.log, its
-    own session, so that a signal reaches it once, from the parent."""
+    """One run of train_side_by_side, its output in its train.log, in its own session: a signal
+    reaches it once, from the parent."""
     os.setsid()
     torch.set_num_threads(threads)
     folder = os.path.join(cfg.results_dir, cfg.exp_name)
@@ -493,16 +412,13 @@ def progress(folder):
     path = os.path.join(folder, "metrics.jsonl")
     lines = open(path).read().splitlines(keepends=True) if os.path.isfile(path) else []
     rows = [json.loads(line) for line in lines if line.endswith("\n")]  # whole lines only
-    last = next((row for row in reversed(rows) if "loss" in row), None)
-    return (last["step"], last["img_s"]) if last else (0, None)
+    return next(((r["step"], r["img_s"]) for r in reversed(rows) if "loss" in r), (0, None))
 
 
 def train_side_by_side(cfgs, threads):
-    """Train the runs at once, each in a child process with `threads` threads, on a CPU (a model
-    this small uses a second thread poorly: on a 2-core CPU the pair trains in 50-60% of the time
-    of one after the other). The encoder and judge are made first, once (not twice, racing). One
-    progress line shows both runs; SIGINT and SIGTERM are passed on to the children, which save
-    and stop. Returns whether both finished."""
+    """Train the runs at once, each in a child process with `threads` threads (so a 2-core CPU
+    trains the pair in 50-60% of the time of one after the other); SIGINT and SIGTERM are passed
+    on to them, once: they save and stop. Returns whether both finished."""
     demo_encoders(), demo_judge()
     context = torch.multiprocessing.get_context("spawn")
     children = [context.Process(target=train_in_child, args=(c, threads)) for c in cfgs]
@@ -515,88 +431,78 @@ def train_side_by_side(cfgs, threads):
     with repa.stop_signal() as stop:
         for child in children:
             child.start()
-        passed_on = False
-        while any(child.is_alive() for child in children):
-            if stop() and not passed_on:
-                for child in children:
-                    if child.is_alive():
-                        os.kill(child.pid, signal.SIGTERM)
-                passed_on = True
+        while any(child.is_alive() for child in children) and not stop():
             time.sleep(1)
             now = [progress(f) for f in folders]
             bar.set_description_str(" | ".join(
                 f"{os.path.basename(f)} step {n}/{total}, {rate or '-'} img/s"
                 for f, (n, rate) in zip(folders, now)), refresh=False)
             bar.update(min(n for n, _ in now) - bar.n)
+        stopped = stop()
+        for child in children:
+            if stopped and child.is_alive():
+                os.kill(child.pid, signal.SIGTERM)
+            child.join()
     bar.close()
     for folder, child in zip(folders, children):
         if child.exitcode:
             raise UserError(f"a run of --compare failed (exit code {child.exitcode}); its log: "
                             f"{os.path.join(folder, 'train.log')}")
-    if stop:
+    if stopped:
         print("stopped by signal; both runs saved: resume with the same command")
-    return not stop
+    return not stopped
 
 
 def demo_compare(cfg):
     """Train the vanilla SiT (lambda = 0) and SiT + REPA with the same seed: the same initial
-    weights, data order, noise and steps, so that the alignment term is the only difference.
-    Both are measured by DemoScore every --align-every steps; the report is compare.md (a table and
-    the speed-up: the steps REPA needs to reach vanilla's final FD_demo, and at every
-    measurement) and compare.png (the curves, and grids of both from the same noise). A finished
-    run is not trained again."""
+    weights, data order, noise and steps, so that the alignment term is the only difference;
+    both are measured every --align-every steps (a finished run is not trained again). Then
+    compare.md: the speed-up (vanilla's steps over the steps REPA needs to reach its final
+    FD_demo), what sets it, and every measurement of both runs; and compare.png."""
+    if not (cfg.proj_coeff > 0 and 0 < cfg.align_every <= cfg.max_steps):
+        raise UserError("--compare trains with and without REPA and measures both: it needs "
+                        "a --proj-coeff above 0 and an --align-every from 1 to --max-steps")
     folder = os.path.join(cfg.results_dir, cfg.exp_name)
-    runs = {name: replace(cfg, proj_coeff=coeff,
-                          exp_name=os.path.join(cfg.exp_name, name.lower()))
+    runs = {name: replace(cfg, proj_coeff=coeff, exp_name=os.path.join(cfg.exp_name, name.lower()))
             for name, coeff in (("vanilla", 0.0), ("REPA", cfg.proj_coeff))}
     threads = torch.get_num_threads() // len(runs)
     if "RANK" in os.environ or torch.cuda.is_available() or threads < 1:
         for name, run_cfg in runs.items():
             print0(f"--- {name}: lambda = {run_cfg.proj_coeff}")
             train_demo(run_cfg)
-    elif not train_side_by_side(list(runs.values()), threads):
-        return
+    else:
+        repa.check_config(cfg, 1, named_encoders=False)  # before the encoder and judge are made
+        if not train_side_by_side(list(runs.values()), threads):
+            return
     if int(os.environ.get("RANK", 0)):
         return
     curves = {name: metric_curves(os.path.join(folder, name.lower())) for name in runs}
-    block = json.load(open(os.path.join(folder, "repa", "config.json")))["model_kwargs"][
-        "encoder_depth"]  # the aligned block, as the run built its model
-    aligned = f"probe/block{block}"
-    cknna_key = next(k for k in curves["REPA"] if k.startswith("cknna/") and k.endswith(
-        f"/block{block}"))
+    block = next(k for k in curves["REPA"] if k.startswith("probe/block"))[11:]  # the aligned
     metrics = {"fd_demo": "FD_demo, no guidance (lower is better)",
                "class_acc": "class accuracy of samples, no guidance",
-               cknna_key: "CKNNA with the encoder, aligned block",
-               aligned: "linear probe, aligned block"}
-    final = "; ".join(f"{m} {curves['vanilla'][m][1][-1]:.4g} -> {curves['REPA'][m][1][-1]:.4g}"
-                      for m in metrics)
+               f"cknna/{DEMO_ENCODER}/block{block}": "CKNNA with the encoder, aligned block",
+               f"probe/block{block}": "linear probe, aligned block"}
     fds = curves["vanilla"]["fd_demo"], curves["REPA"]["fd_demo"]
     (steps, fd), ups = fds[0], speedups(*fds)
     speedup = (f"REPA reaches vanilla's final FD_demo ({fd[-1]:.1f} at step {steps[-1]}) at step "
                f"{steps[-1] / ups[-1]:.0f}: {ups[-1]:.1f}x fewer steps" if ups[-1] else
                f"REPA does not reach vanilla's final FD_demo ({fd[-1]:.1f} at step {steps[-1]}) "
                f"within {steps[-1]} steps")
-    why = [explain_speedup(*fds), ""] if len(steps) > 1 else []
     lines = [f"# tools/demo.py --compare, seed {cfg.seed}", "",
              f"{cfg.model}, {cfg.max_steps} steps of batch {cfg.batch_size} at lr {cfg.lr:g} "
              f"(both runs), lambda {cfg.proj_coeff} at block {block}, target {DEMO_ENCODER}; "
-             f"judge: DemoJudge.", "", f"**{speedup}.**", "", *why,
-             f"At step {steps[-1]}, vanilla -> REPA: {final}.", "",
+             f"judge: a CNN on the labels.", "", f"**{speedup}.**", "",
+             *([explain_speedup(*fds), ""] if len(steps) > 1 else []),
              "speed-up: a row's step over the step at which REPA reached vanilla's FD_demo of "
-             "that row.", "",
-             "| step | " + " | ".join(f"{m} vanilla | {m} REPA" for m in metrics) +
-             " | speed-up |", "|---" * (2 + 2 * len(metrics)) + "|"]
+             "that row.", "", "| step | " + " | ".join(f"{m} vanilla | {m} REPA" for m in metrics)
+             + " | speed-up |", "|---" * (2 + 2 * len(metrics)) + "|"]
     for i, step in enumerate(steps):
         cells = [f"{curves[name][m][1][i]:.4g}" for m in metrics for name in runs]
-        cells.append(f"{ups[i]:.2f}x" if ups[i] else "none")
-        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+        lines.append(f"| {step} | {' | '.join(cells)} | {f'{ups[i]:.2f}x' if ups[i] else 'none'} |")
     atomic_write(os.path.join(folder, "compare.md"), lambda f: f.write("\n".join(lines) + "\n"),
                  "w")
     plot_compare(curves, metrics, folder, cfg)
-    print0(speedup + f". Report: {os.path.join(folder, 'compare.md')}, "
-           f"{os.path.join(folder, 'compare.png')}")
-
-
+    print0(f"{speedup}. Report: {os.path.join(folder, 'compare.md')}, compare.png")
 
 
 #################################################################################
@@ -604,9 +510,8 @@ def demo_compare(cfg):
 #################################################################################
 
 def parse_args(argv=None):
-    """(Config, compare, AnalyzeConfig or None) from the command line: the demo's own flags, then
-    repa.py's training flags and tools/analyze.py's with the demo's defaults. Checked here, before
-    anything slow."""
+    """(Config, compare, AnalyzeConfig or None): the demo's own flags, then repa.py's training flags
+    and tools/analyze.py's with the demo's defaults."""
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
                                      allow_abbrev=False)
     parser.add_argument("--compare", action="store_true", help="train vanilla (lambda 0) and "
@@ -625,26 +530,14 @@ def parse_args(argv=None):
     cfg = repa.Config(**{**DEMO, **args})
     measure = analyze.AnalyzeConfig(ckpt=ckpt, enc_type=DEMO_ENCODER, **measured, **{
         k: getattr(cfg, k) for k in ("knn", "batch_size", "seed", "results_dir", "exp_name")})
-    try:
-        if compare and not (cfg.proj_coeff > 0 and 0 < cfg.align_every <= cfg.max_steps):
-            raise UserError("--compare trains with and without REPA and measures both: it needs "
-                            "a --proj-coeff above 0 and an --align-every from 1 to --max-steps")
-        if ckpt:
-            analyze.check(measure, named_encoders=False)
-        else:
-            repa.check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)), named_encoders=False)
-    except UserError as e:  # one line, without argparse's usage block
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     return cfg, compare, measure if ckpt else None
 
 
 def main(argv=None):
     cfg, compare, measure = parse_args(argv)
     heldout = lambda: DemoDataset(measure.analyze_images, seed=HELDOUT_SEED)
-    repa.run_command(lambda: demo_compare(cfg) if compare else
-                     analyze.analyze_checkpoint(measure, heldout, demo_encoders) if measure else
-                     train_demo(cfg), [evaluate.UserError])
+    repa.run_command(lambda: demo_compare(cfg) if compare else analyze.analyze_checkpoint(
+        measure, heldout, demo_encoders) if measure else train_demo(cfg))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ It imports nothing of this project, so it can be copied alone; sample.py calls i
 (the samples it has just written) and --evaluate. Writes <samples>-vs-<reference>.json.
 """
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -65,35 +64,35 @@ def center_crop_adm(image, size):
         image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
     scale = size / min(image.size)
     image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
-    arr = np.asarray(image)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top:top + size, left:left + size]
+    left, top = ((s - size) // 2 for s in image.size)
+    return np.asarray(image.crop((left, top, left + size, top + size)))
+
+
+def image_files(folder):
+    """The files of `folder` that PIL opens (by their extension), sorted."""
+    from PIL import Image
+    extensions = {e for e, f in Image.registered_extensions().items() if f in Image.OPEN}
+    return sorted(f.path for f in os.scandir(folder)
+                  if f.is_file() and os.path.splitext(f.name)[1].lower() in extensions)
 
 
 def list_image_folder(src):
     """(paths, labels, classes) of an ImageNet-style folder: one sub-folder per class, sorted, so
     the labels are 0..999 in the usual synset order."""
-    from PIL import Image
     if not os.path.isdir(src):
         raise UserError(f"source folder not found: {src}")
     classes = sorted(d.name for d in os.scandir(src) if d.is_dir())
     if not classes:
         raise UserError(f"no class folders in {src}: expected one sub-folder per class")
-    extensions = {e for e, f in Image.registered_extensions().items() if f in Image.OPEN}
-    paths, labels, empty = [], [], []
-    for label, name in enumerate(classes):
-        files = sorted(f.path for f in os.scandir(os.path.join(src, name))
-                       if f.is_file() and os.path.splitext(f.name)[1].lower() in extensions)
-        empty += [] if files else [name]
-        paths += files
-        labels += [label] * len(files)
+    files = [image_files(os.path.join(src, name)) for name in classes]
+    empty = [name for name, f in zip(classes, files) if not f]
     if empty:
         raise UserError(f"{len(empty)} class folder(s) in {src} hold no images (e.g. {empty[0]}): "
                         "remove them or add images, or the labels would shift")
-    return paths, labels, classes
+    return [p for f in files for p in f], [c for c, f in enumerate(files) for _ in f], classes
 
 
-def read_images(paths, resolution, bar):
+def read_images(paths, resolution, bar=None):
     """(uint8 (N, 3, R, R) ADM crops, indices of the readable files, 'path: error' of the rest)."""
     from PIL import Image
     images, keep, failed = [], [], []
@@ -104,10 +103,10 @@ def read_images(paths, resolution, bar):
             keep.append(i)
         except Exception as e:  # truncated, corrupt, not an image: list it, go on
             failed.append(f"{path}: {type(e).__name__}")
-        bar.update(1)
-    images = np.stack(images).transpose(0, 3, 1, 2) if images else \
-        np.zeros((0, 3, resolution, resolution), np.uint8)
-    return images, keep, failed
+        if bar:
+            bar.update(1)
+    images = np.array(images, np.uint8).reshape(-1, resolution, resolution, 3)
+    return images.transpose(0, 3, 1, 2), keep, failed
 
 
 #################################################################################
@@ -132,7 +131,6 @@ INCEPTION_FILES = ("weights-inception-2015-12-05-6726825d.pth",
                    "pt_inception-2015-12-05-6726825d.pth")
 SPATIAL_CHANNELS = 7  # sFID keeps mixed_6/conv[..., :7] (ADM)
 FEATURE_DIMS = (2048, 17 * 17 * SPATIAL_CHANNELS, 1008)  # pool_3, spatial, logits
-IS_CHUNK = 5_000      # the Inception Score is a mean over consecutive chunks of 5,000 samples (ADM)
 PR_K = 3              # k of the k-NN balls of precision/recall (ADM's nhood_sizes)
 PR_BLOCK = 10_000     # rows and columns of one block of distances (ADM's row/col batch size)
 
@@ -149,9 +147,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     import scipy.linalg  # called through the module, so a test can stand in for a 10 s sqrtm
     mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
     sigma1, sigma2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise UserError(f"the statistics do not match: means of {mu1.shape} and "
-                             f"{mu2.shape}, covariances of {sigma1.shape} and {sigma2.shape}")
     with warnings.catch_warnings():  # "matrix is singular": the expected case just described
         warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
         covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
@@ -173,7 +168,7 @@ def gaussian_statistics(features):
     return features.mean(0), np.cov(features, rowvar=False)
 
 
-def inception_score(logits, chunk=IS_CHUNK):
+def inception_score(logits, chunk=5_000):
     """IS = exp(E_x KL(p(y|x) || p(y))) of Salimans et al. 2016, with p(y|x) = softmax(logits) and
     p(y) the mean prediction of each consecutive chunk of `chunk` samples (the last may be
     shorter); the score is the chunks' mean, as ADM's (split_size 5,000: 10 chunks for 50,000
@@ -197,9 +192,8 @@ def _squared_distances(u, v):
     u16, v16 = half(u), half(v)
     nu, nv = half(half(u16 * u16).sum(1)), half(half(v16 * v16).sum(1))
     d = half(half(nu[:, None] - half(2 * half(u16 @ v16.T))) + nv).clamp_min(0)
-    if torch.isfinite(d).all():
-        return d
-    return ((u * u).sum(1)[:, None] - 2 * u @ v.T + (v * v).sum(1)).clamp_min(0)
+    return d if torch.isfinite(d).all() else \
+        ((u * u).sum(1)[:, None] - 2 * u @ v.T + (v * v).sum(1)).clamp_min(0)
 
 
 def manifold_radii(features, k=PR_K, block=PR_BLOCK):
@@ -280,23 +274,10 @@ class InceptionFeatures(torch.nn.Module):
         return pool, spatial.permute(0, 2, 3, 1).flatten(1), logits  # NHWC, as TF flattens it
 
 
-@contextlib.contextmanager
-def exact_fp32():
-    """Plain float32 inside: PyTorch lets cuDNN convolutions use TF32 by default (10-bit mantissa),
-    and --tf32 does so for matmuls. The features feed a covariance and 50K x 50K comparisons."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def _npy_header(f):
     """(shape, dtype) from the header of the .npy stream `f`, which is left at row 0."""
-    version = np.lib.format.read_magic(f)
-    read = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
-            np.lib.format.read_array_header_2_0)
+    fmt = np.lib.format
+    read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
     shape, fortran, dtype = read(f)
     if fortran:
         raise ValueError("an array is stored in Fortran order")
@@ -304,62 +285,47 @@ def _npy_header(f):
 
 
 def npz_arrays(path):
-    """{name: (shape, dtype)} of an .npz from its headers alone (50K images are 9.8 GB)."""
-    arrays = {}
+    """{name: (shape, dtype)} of an .npz from its headers alone."""
     try:
         with zipfile.ZipFile(path) as z:
-            for name in z.namelist():
-                with z.open(name) as f:
-                    arrays[name.removesuffix(".npy")] = _npy_header(f)
+            return {name.removesuffix(".npy"): _npy_header(z.open(name)) for name in z.namelist()}
     except (OSError, zipfile.BadZipFile, ValueError) as e:
         raise UserError(f"cannot read {path} as an .npz: {e}") from None
-    return arrays
-
-
-def npz_images(path, start, stop, batch):
-    """Rows start..stop of arr_0 (uint8 N x H x W x 3) in batches of uint8 (B, 3, H, W), streamed
-    from the file like ADM's reader: a rank reads its share only, one batch at a time."""
-    with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
-        shape = _npy_header(f)[0]
-        row = math.prod(shape[1:])
-        f.seek(f.tell() + start * row)
-        for i in range(start, stop, batch):
-            n = min(batch, stop - i)
-            chunk = np.frombuffer(f.read(n * row), np.uint8).reshape(n, *shape[1:])
-            yield torch.from_numpy(chunk.copy()).permute(0, 3, 1, 2)
-
-
-def folder_images(paths, size, batch):
-    """ADM centre crops (center_crop_adm) of image files, in batches of uint8 (B, 3, S, S);
-    unreadable files are skipped and named."""
-    from tqdm import tqdm
-    with tqdm(total=len(paths), disable=True) as bar:  # the progress is counted in batches
-        for i in range(0, len(paths), batch):
-            images, _, failed = read_images(paths[i:i + batch], size, bar)
-            for line in failed:
-                print(f"skipped unreadable {line}", file=sys.stderr)
-            yield torch.from_numpy(images)
 
 
 def image_paths(folder):
     """The images of a folder: ImageNet-style (one sub-folder per class) or flat, sorted."""
-    from PIL import Image
-    entries = list(os.scandir(folder))
-    if any(entry.is_dir() for entry in entries):
-        return list_image_folder(folder)[0]
-    extensions = {e for e, f in Image.registered_extensions().items() if f in Image.OPEN}
-    return sorted(e.path for e in entries
-                  if e.is_file() and os.path.splitext(e.name)[1].lower() in extensions)
+    dirs = any(entry.is_dir() for entry in os.scandir(folder))
+    return list_image_folder(folder)[0] if dirs else image_files(folder)
 
 
 def image_source(path, size=None):
     """(count, batches) of the images of an .npz (arr_0) or of a folder, where
-    batches(start, stop, batch) yields uint8 (B, 3, H, W); a folder is cropped to `size`."""
+    batches(start, stop, batch) yields rows start..stop as uint8 (B, 3, H, W): a folder's as ADM
+    crops to `size`, its unreadable files skipped and named; an .npz's streamed as ADM's reader
+    does, a rank reading its share only, one batch at a time (50K images are 9.8 GB)."""
     if os.path.isdir(path):
         paths = image_paths(path)
-        return len(paths), lambda start, stop, batch: folder_images(paths[start:stop], size, batch)
+
+        def batches(start, stop, batch):
+            for i in range(start, stop, batch):
+                images, _, failed = read_images(paths[i:min(i + batch, stop)], size)
+                for line in failed:
+                    print(f"skipped unreadable {line}", file=sys.stderr)
+                yield torch.from_numpy(images)
+        return len(paths), batches
     shape = npz_arrays(path)["arr_0"][0]
-    return shape[0], lambda start, stop, batch: npz_images(path, start, stop, batch)
+    row = math.prod(shape[1:])
+
+    def batches(start, stop, batch):
+        with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
+            _npy_header(f)
+            f.seek(f.tell() + start * row)
+            for i in range(start, stop, batch):
+                n = min(batch, stop - i)
+                chunk = np.frombuffer(f.read(n * row), np.uint8).reshape(n, *shape[1:])
+                yield torch.from_numpy(chunk.copy()).permute(0, 3, 1, 2)
+    return shape[0], batches
 
 
 def gather_rows(x):
@@ -367,11 +333,9 @@ def gather_rows(x):
     shapes, so each rank pads to the longest share and the padding is cut off again."""
     if not dist.is_initialized():
         return x
-    count = torch.tensor([len(x)], device=x.device)
-    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, count)
-    padded = x.new_zeros((max(counts).item(), *x.shape[1:]))
-    padded[:len(x)] = x
+    counts = [0] * dist.get_world_size()
+    dist.all_gather_object(counts, len(x))
+    padded = torch.cat([x, x.new_zeros((max(counts) - len(x), *x.shape[1:]))])
     parts = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(parts, padded)
     return torch.cat([p[:c] for p, c in zip(parts, counts)])
@@ -401,8 +365,8 @@ def check_evaluation(samples, reference, size=None):
         shape, dtype = npz_arrays(samples).get("arr_0", (None, None))
         if shape is None or len(shape) != 4 or shape[3] != 3 or dtype != np.uint8:
             raise UserError(f"{samples} has no images: --evaluate needs arr_0, uint8 "
-                                 f"(N, H, W, 3), as sample.py writes it")
-        if shape[0] <= PR_K:
+                            f"(N, H, W, 3), as sample.py writes it")
+        if shape[0] <= PR_K:  # precision/recall's k-th neighbour
             raise UserError(f"{samples} holds {shape[0]} images; evaluate at least {PR_K + 1}")
         size = shape[1]
     if os.path.isdir(reference):
@@ -414,19 +378,19 @@ def check_evaluation(samples, reference, size=None):
     arrays = npz_arrays(reference)
     if "arr_0" not in arrays and not {"mu", "sigma"} <= set(arrays):
         raise UserError(f"{reference} holds neither images (arr_0) nor statistics (mu, "
-                             f"sigma); it has {', '.join(sorted(arrays)) or 'nothing'}")
+                        f"sigma); it has {', '.join(sorted(arrays)) or 'nothing'}")
     if "arr_0" in arrays:
         shape, dtype = arrays["arr_0"]
         if dtype != np.uint8 or tuple(shape[1:]) != (size, size, 3):
             raise UserError(f"the reference images in {reference} are {dtype} {shape[1:]}, "
-                                 f"the samples uint8 ({size}, {size}, 3)")
+                            f"the samples uint8 ({size}, {size}, 3)")
         if shape[0] <= PR_K:
             raise UserError(f"{reference} holds {shape[0]} images; use at least {PR_K + 1}")
     for (mu, sigma), dim in zip((("mu", "sigma"), ("mu_s", "sigma_s")), FEATURE_DIMS):
         for key, want in ((mu, (dim,)), (sigma, (dim, dim))):  # pool_3's and the spatial ones
             if key in arrays and tuple(arrays[key][0]) != want:
                 raise UserError(f"{reference}: {key} is {tuple(arrays[key][0])}, not {want} "
-                                     f"(statistics of the FID Inception's {dim} features)")
+                                f"(statistics of the FID Inception's {dim} features)")
     with np.load(reference) as stored:
         return {k: stored[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in arrays}
 
@@ -437,13 +401,10 @@ def adm_metrics(fake, real, stored):
     reference's stored statistics win over its images' (ADM's read_statistics)."""
     metrics = {"fid": None, "sfid": None, "inception_score": inception_score(fake[2].cpu())}
     for name, i, mu, sigma in (("fid", 0, "mu", "sigma"), ("sfid", 1, "mu_s", "sigma_s")):
-        if mu in stored and sigma in stored:
-            ref = stored[mu], stored[sigma]
-        elif real is not None:
-            ref = gaussian_statistics(real[i].cpu())
-        else:
-            continue
-        metrics[name] = frechet_distance(*gaussian_statistics(fake[i].cpu()), *ref)
+        ref = (stored[mu], stored[sigma]) if mu in stored and sigma in stored else \
+            None if real is None else gaussian_statistics(real[i].cpu())
+        if ref is not None:
+            metrics[name] = frechet_distance(*gaussian_statistics(fake[i].cpu()), *ref)
     metrics["precision"], metrics["recall"] = (None, None) if real is None else \
         precision_recall(real[0], fake[0])
     return metrics
@@ -451,9 +412,8 @@ def adm_metrics(fake, real, stored):
 
 def evaluate(samples, reference, inception="", batch=32):
     """FID, sFID, IS, precision and recall of the .npz `samples` against `reference`
-    (check_evaluation) with the FID Inception (`inception`: a weights file, default the cache),
-    all ranks extracting features; rank 0 prints them on one line, writes them to
-    <samples>-vs-<reference>.json and returns them."""
+    (check_evaluation), the features over all ranks; rank 0 prints them on one line, writes them
+    to <samples>-vs-<reference>.json and returns them."""
     rank, _, device = processes()
     stored = check_evaluation(samples, reference)
     weights = inception_weights(inception)
@@ -461,16 +421,18 @@ def evaluate(samples, reference, inception="", batch=32):
         raise UserError(missing_inception())
     net = InceptionFeatures(weights).to(device)
     num, size = npz_arrays(samples)["arr_0"][0][:2]
-    has_images = os.path.isdir(reference) or "arr_0" in npz_arrays(reference)
-    with exact_fp32():
-        fake = inception_features(net, image_source(samples), batch, device, "samples")
-        real = inception_features(net, image_source(reference, size), batch, device,
-                                  "reference") if has_images else None
-        if rank != 0:
-            return None
-        if real is not None and len(real[0]) <= PR_K:
-            raise UserError(f"{reference} gave {len(real[0])} images; use more than {PR_K}")
-        metrics = adm_metrics(fake, real, stored)
+    # plain float32 from here to the process's end (evaluation is a command's last work): cuDNN
+    # convolutions use TF32 by default (10-bit mantissa), and --tf32 matmuls; the features feed
+    # a covariance and 50K x 50K comparisons
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    fake = inception_features(net, image_source(samples), batch, device, "samples")
+    real = inception_features(net, image_source(reference, size), batch, device, "reference") \
+        if os.path.isdir(reference) or "arr_0" in npz_arrays(reference) else None
+    if rank != 0:
+        return None
+    if real is not None and len(real[0]) <= PR_K:  # a folder's unreadable files skipped
+        raise UserError(f"{reference} gave {len(real[0])} images; use more than {PR_K}")
+    metrics = adm_metrics(fake, real, stored)
     name = os.path.splitext(os.path.basename(os.path.normpath(reference)))[0]
     path = f"{os.path.splitext(samples)[0]}-vs-{name}.json"
     record = dict(metrics, samples=samples, num_samples=num, reference=reference,

@@ -7,9 +7,8 @@ in shards that a stopped run resumes, over torchrun's ranks; and the benchmark o
 
 The layout (read by repa.ShardDataset): a folder of shards, each a folder of three .npy arrays that
 training memory-maps: images (N, 3, R, R) uint8, moments (N, 8, R/8, R/8) float32 (the VAE
-posterior mean and std, as the official preprocessing stores them), labels (N,) int64. A shard is
-written under a temporary name and renamed when complete, so a shard folder that exists is whole;
-manifest.json lists the shards and the unreadable files; prepare.json the recipe, which a resume
+posterior mean and std, as the official preprocessing stores them), labels (N,) int64;
+manifest.json lists the shards and the unreadable files, prepare.json the recipe, which a resume
 must repeat. ImageNet at 256 px: 1.28M x (196,608 + 32,768) bytes, about 294 GB.
 """
 import argparse
@@ -26,26 +25,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 import evaluate  # noqa: E402  (ADM's crop and the folder walk)
 import repa  # noqa: E402
-from repa import atomic_write, barrier, print0  # noqa: E402
+from repa import UserError, atomic_write, barrier, print0  # noqa: E402
 
 
 @torch.no_grad()
-def check_recipe(out, recipe):
-    """A preparation resumes only as it began: shards made from another source or with another
-    size, resolution or VAE (or by its --bench-data) are refused, never mixed with new ones."""
-    path = os.path.join(out, "prepare.json")
-    if os.path.isfile(path):
-        stored = json.load(open(path))
-        changed = [f"{k} {stored.get(k)} -> {v}" for k, v in recipe.items() if stored.get(k) != v]
-        if changed:
-            raise repa.UserError(f"{out} was prepared otherwise ({'; '.join(changed)}): use "
-                                 f"another --data-dir, or the flags it was begun with")
-    elif os.path.isdir(out) and any(n.startswith("shard-") or n == "manifest.json"
-                                    for n in os.listdir(out)):
-        raise repa.UserError(f"{out} holds shards that no tools/prepare.py began (no "
-                             f"prepare.json): use an empty --data-dir")
-
-
 def vae_moments(vae, images, batch_size, device):
     """uint8 images -> the posterior mean and std of the SD-VAE, float32 (N, 8, R/8, R/8)."""
     moments = []
@@ -56,25 +39,24 @@ def vae_moments(vae, images, batch_size, device):
     return torch.cat(moments).numpy() if moments else np.zeros((0, 8, latent, latent), np.float32)
 
 
-def shard_name(k):
-    return f"shard-{k:05d}"
+SHARD = "shard-{:05d}"  # the folder of shard k
 
 
 def write_shard(out, k, images, moments, labels, failed=()):
     """Write shard k under a temporary name, then rename it: a shard folder that exists is whole,
     so a stopped preparation is resumed by redoing only the shards that do not exist."""
-    tmp = os.path.join(out, f".{shard_name(k)}.tmp{os.getpid()}")
+    tmp = os.path.join(out, f".{SHARD.format(k)}.tmp{os.getpid()}")
     os.makedirs(tmp, exist_ok=True)
     for name, array in [("images", images), ("moments", moments), ("labels", labels)]:
         np.save(os.path.join(tmp, f"{name}.npy"), array)
     with open(os.path.join(tmp, "failed.json"), "w") as f:
         json.dump(list(failed), f)
-    os.replace(tmp, os.path.join(out, shard_name(k)))
+    os.replace(tmp, os.path.join(out, SHARD.format(k)))
 
 
 def write_manifest(out, n_shards, resolution, classes, vae_name):
     """manifest.json: the shards, their sizes and every unreadable file, written last."""
-    names = [shard_name(k) for k in range(n_shards)]
+    names = [SHARD.format(k) for k in range(n_shards)]
     shards = [{"name": d, "count": len(np.load(os.path.join(out, d, "labels.npy")))} for d in names]
     failed = [f for d in names for f in json.load(open(os.path.join(out, d, "failed.json")))]
     manifest = {"resolution": resolution, "vae": vae_name, "classes": classes,
@@ -90,27 +72,44 @@ def report(manifest, out):
             "".join(f"\n  skipped {f}" for f in manifest["failed"]))
 
 
-def prepare(src, out, resolution=256, vae_name="stabilityai/sd-vae-ft-mse", shard_size=10_000,
-            batch_size=64):
-    """ImageFolder -> shards, sharded over torchrun ranks and resumable (finished shards are
-    skipped; a half-written one is redone). Unreadable images are counted and listed. A finished
-    folder is left as it is."""
+def check_recipe(out, recipe):
+    """A preparation resumes only as it began: shards made from another source or with another
+    size, resolution or VAE (or by --bench-data) are refused, never mixed with new ones."""
+    path = os.path.join(out, "prepare.json")
+    if os.path.isfile(path):
+        stored = json.load(open(path))
+        changed = [f"{k} {stored.get(k)} -> {v}" for k, v in recipe.items() if stored.get(k) != v]
+        if changed:
+            raise UserError(f"{out} was prepared otherwise ({'; '.join(changed)}): use another "
+                            f"--data-dir, or the flags it was begun with")
+    elif os.path.isdir(out) and any(n.startswith("shard-") or n == "manifest.json"
+                                    for n in os.listdir(out)):
+        raise UserError(f"{out} holds shards that no tools/prepare.py began (no prepare.json): "
+                        f"use an empty --data-dir")
+
+
+def prepare(src, cfg):
+    """ImageFolder -> shards in cfg.data_dir, sharded over torchrun ranks and resumable (finished
+    shards are skipped; a half-written one is redone). Unreadable images are counted and listed.
+    A finished folder is left as it is."""
     from tqdm import tqdm
     rank, world, device = repa.setup_distributed()
+    out, size = cfg.data_dir, cfg.shard_size
     paths, labels, classes = evaluate.list_image_folder(src)
-    recipe = dict(source=os.path.abspath(src), files=len(paths), resolution=resolution,
-                  vae=vae_name, shard_size=shard_size)
+    recipe = dict(source=os.path.abspath(src), files=len(paths), resolution=cfg.resolution,
+                  vae=cfg.vae, shard_size=size)
     check_recipe(out, recipe)  # read only, on every rank: all fail alike
-    chunks = [range(i, min(i + shard_size, len(paths))) for i in range(0, len(paths), shard_size)]
+    chunks = [range(i, min(i + size, len(paths))) for i in range(0, len(paths), size)]
     # every rank lists the same missing shards and takes every world-th: balanced after a resume
-    missing = [k for k in range(len(chunks)) if not os.path.isdir(os.path.join(out, shard_name(k)))]
+    missing = [k for k in range(len(chunks))
+               if not os.path.isdir(os.path.join(out, SHARD.format(k)))]
     manifest = os.path.join(out, "manifest.json")
     if not missing and os.path.isfile(manifest):
         print0(f"{out} is prepared already, nothing to do: " +
                report(json.load(open(manifest)), out))
-        return out
+        return
     todo = missing[rank::world]
-    vae = repa.load_vae(vae_name, device) if missing else None  # all ranks fail alike if absent
+    vae = repa.load_vae(cfg.vae, device) if missing else None  # all ranks fail alike if absent
     if rank == 0:  # nothing is written before the checks
         os.makedirs(out, exist_ok=True)
         atomic_write(os.path.join(out, "prepare.json"), lambda f: json.dump(recipe, f), "w")
@@ -121,16 +120,16 @@ def prepare(src, out, resolution=256, vae_name="stabilityai/sd-vae-ft-mse", shar
     bar = tqdm(total=sum(len(chunks[k]) for k in todo), disable=rank != 0, desc="prepare",
                unit="img")
     for k in todo:
-        images, keep, failed = evaluate.read_images([paths[i] for i in chunks[k]], resolution, bar)
-        moments = vae_moments(vae, images, batch_size, device)
+        images, keep, failed = evaluate.read_images([paths[i] for i in chunks[k]], cfg.resolution,
+                                                    bar)
+        moments = vae_moments(vae, images, cfg.batch_size, device)
         write_shard(out, k, images, moments, np.asarray([labels[chunks[k][i]] for i in keep],
                                                         np.int64), failed)
     bar.close()
     barrier()
     if rank == 0:
-        print0("prepared " + report(write_manifest(out, len(chunks), resolution, classes,
-                                                   vae_name), out))
-    return out
+        print0("prepared " + report(write_manifest(out, len(chunks), cfg.resolution, classes,
+                                                   cfg.vae), out))
 
 
 def benchmark_reader(cfg):
@@ -170,35 +169,27 @@ class PrepareConfig:
     seed: int = 0               # --bench-data: the order's seed
 
 
-def parse_args(argv=None):
-    """(source folder or None, PrepareConfig); one line for a bad value, before anything runs."""
+LIMITS = {"resolution": (lambda v: v >= repa.VAE_DOWNSAMPLE and v % repa.VAE_DOWNSAMPLE == 0,
+                         f"a multiple of {repa.VAE_DOWNSAMPLE}"),
+          **{k: (lambda v: v >= 1, "at least 1") for k in ("shard_size", "batch_size")},
+          **{k: (lambda v: v >= 0, "at least 0") for k in ("bench_data", "num_workers", "seed")}}
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
                                      allow_abbrev=False)
     parser.add_argument("src", nargs="?", help="ImageNet-style folder: one sub-folder per class")
     repa.add_flags(parser, PrepareConfig)
     args = vars(parser.parse_args(argv))
     src, cfg = args.pop("src"), PrepareConfig(**args)
-    problems = [(bool(src) != bool(cfg.bench_data), "give a source folder to prepare, or "
-                 "--bench-data N to time the reader (one of them)"),
-                (cfg.resolution >= repa.VAE_DOWNSAMPLE and cfg.resolution % repa.VAE_DOWNSAMPLE
-                 == 0, f"--resolution must be a multiple of {repa.VAE_DOWNSAMPLE}, got "
-                 f"{cfg.resolution}"),
-                (min(cfg.shard_size, cfg.batch_size) >= 1, "--shard-size and --batch-size must "
-                 "be at least 1"),
-                (min(cfg.bench_data, cfg.num_workers, cfg.seed) >= 0, "--bench-data, "
-                 "--num-workers and --seed must be at least 0")]
-    for ok, message in problems:
-        if not ok:
-            print(f"error: {message}", file=sys.stderr)
-            sys.exit(2)
-    return src, cfg
 
-
-def main(argv=None):
-    src, cfg = parse_args(argv)
-    repa.run_command(lambda: benchmark_reader(cfg) if cfg.bench_data else prepare(
-        src, cfg.data_dir, cfg.resolution, cfg.vae, cfg.shard_size, cfg.batch_size),
-        [evaluate.UserError])
+    def work():  # one line for a bad value, before anything runs
+        if bool(src) == bool(cfg.bench_data):
+            raise UserError("give a source folder to prepare, or --bench-data N to time the "
+                            "reader (one of them)")
+        repa.check_values(cfg, LIMITS)
+        benchmark_reader(cfg) if cfg.bench_data else prepare(src, cfg)
+    repa.run_command(work, [evaluate.UserError])
 
 
 if __name__ == "__main__":

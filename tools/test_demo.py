@@ -144,7 +144,8 @@ def test_the_demo_networks_are_made_once_and_cached(tmp_path, monkeypatch, demo_
     z = torch.nn.functional.normalize(tokens.flatten(0, 1), dim=-1)
     assert z.mean(0).square().sum() < 0.05  # the mean cosine of two tokens (before: 0.73)
     assert not any(p.requires_grad for p in [*enc.model.parameters(), *judge.parameters()])
-    assert judge(torch.zeros(5, 3, 16, 16, dtype=torch.uint8)).shape == (5, 10)
+    assert judge(torch.zeros(5, 3, 16, 16)).shape == (5, 10)  # logits of x / 255
+    assert judge.body(torch.zeros(5, 3, 16, 16)).shape == (5, 128)  # FD_demo's features
 
 
 def test_steps_to_reach_interpolates_between_measurements():

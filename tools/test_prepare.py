@@ -24,6 +24,8 @@ def run_prepare(*args, env=None, timeout=300):
 def test_prepare_resumes_after_a_stop_and_reads_back(tmp_path, monkeypatch):
     from PIL import Image
     src, out, vae = image_folder(tmp_path / "src"), tmp_path / "out", tiny_vae(tmp_path / "vae")
+    cfg = lambda **kw: prepare.PrepareConfig(**{"data_dir": str(out), "resolution": 16, "vae": vae,
+                                                **kw})
     real_write, calls = prepare.write_shard, []
 
     def crash_on_third(out_dir, k, *args, **kw):  # a stop in the middle of writing shard 3
@@ -35,22 +37,21 @@ def test_prepare_resumes_after_a_stop_and_reads_back(tmp_path, monkeypatch):
 
     monkeypatch.setattr(prepare, "write_shard", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
-        prepare.prepare(str(src), str(out), resolution=16, vae_name=vae, shard_size=2)
+        prepare.prepare(str(src), cfg(shard_size=2))
     assert sorted(d for d in os.listdir(out) if d.startswith("shard-")) == ["shard-00000",
                                                                             "shard-00001"]
     monkeypatch.setattr(prepare, "write_shard", real_write)
     written = []
     monkeypatch.setattr(prepare, "write_shard", lambda o, k, *a, **kw: (written.append(k),
                                                                      real_write(o, k, *a, **kw)))
-    prepare.prepare(str(src), str(out), resolution=16, vae_name=vae, shard_size=2)
+    prepare.prepare(str(src), cfg(shard_size=2))
     assert written == [2, 3, 4]  # only the shards that were not whole are redone
     assert not [d for d in os.listdir(out) if d.startswith(".shard-")]  # the half-written one
     # resumed with another shard size, resolution or source, it would mix or lose images
     for change, says in [(dict(shard_size=3), "shard_size 2 -> 3"),
                          (dict(resolution=32), "resolution 16 -> 32")]:
         with pytest.raises(repa.UserError, match=f"was prepared otherwise .*{says}"):
-            prepare.prepare(str(src), str(out), **{**dict(resolution=16, vae_name=vae,
-                                                      shard_size=2), **change})
+            prepare.prepare(str(src), cfg(**{"shard_size": 2, **change}))
 
     data = repa.ShardDataset(str(out))
     assert len(data) == 9 and data.num_classes == 3  # 10 files, one corrupt
@@ -129,7 +130,8 @@ def test_reader_benchmark_never_fills_a_folder_that_has_data(tmp_path):
     ([], "give a source folder to prepare, or --bench-data N"),
     (["src", "--bench-data", "10"], "(one of them)"),
     (["src", "--resolution", "100"], "--resolution must be a multiple of 8, got 100"),
-    (["src", "--shard-size", "0"], "--shard-size and --batch-size must be at least 1"),
+    (["src", "--shard-size", "0"], "--shard-size must be at least 1, got 0"),
+    (["src", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     (["src", "--prepare", "x"], "unrecognized arguments: --prepare")])
 def test_bad_flags_are_one_line(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
