@@ -893,10 +893,8 @@ def add_flags(parser, config_class, defaults=None, skip=()):
     bool), its help the comment after the field, its choices the class's CHOICES; `defaults`
     replaces the class's (a tool's)."""
     choices = getattr(config_class, "CHOICES", {})
-    helps = {}
-    for line in inspect.getsource(config_class).splitlines():
-        name, _, rest = line.strip().partition(":")
-        helps[name] = rest.partition("#")[2].strip()
+    helps = {line.strip().partition(":")[0]: line.partition("#")[2].strip()
+             for line in inspect.getsource(config_class).splitlines()}
     for f in (f for f in fields(config_class) if f.name not in skip):
         default = (defaults or {}).get(f.name, f.default)
         kind = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else \
@@ -931,11 +929,10 @@ def check_config(cfg, world=1, named_encoders=True):
     if named_encoders:  # every family gives a 16 x 16 grid at 256 px (ENCODER_FAMILIES' pixels)
         for entry in cfg.enc_type.split(","):
             parse_encoder(entry)
-        tokens = (cfg.resolution // VAE_DOWNSAMPLE // size["patch_size"]) ** 2
-        if tokens != (cfg.resolution // 16) ** 2:
+        if size["patch_size"] != 2:  # SiT's tokens are (R / 8 / p)^2
             raise UserError(f"REPA pairs each SiT token with an encoder patch, but {cfg.model} "
-                            f"has {tokens} tokens and the encoder {(cfg.resolution // 16) ** 2} "
-                            f"patches: use patch size 2")
+                            f"has {(cfg.resolution // 8 // size['patch_size']) ** 2} tokens and "
+                            f"the encoder {(cfg.resolution // 16) ** 2} patches: use patch size 2")
     if cfg.batch_size % (world * cfg.grad_accum):
         raise UserError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes x "
                         f"{cfg.grad_accum} accumulation steps")
@@ -992,13 +989,13 @@ def start_run(cfg, data=None, encoders=None):
     encoders for --bench, or the shards with the pretrained encoders."""
     rank, world, device = setup_distributed()
     check_config(cfg, world, named_encoders=encoders is None)
-    cuda, own = device.type == "cuda", encoders is not None
+    cuda = device.type == "cuda"
     precision = ("bf16" if cuda else "fp32") if cfg.precision == "auto" else cfg.precision
     # TF32 for the fp32 matmuls autocast leaves (and the optimiser's); off when fp32 is asked for
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
     dataset = data() if data else RandomData(cfg.resolution) if cfg.bench else \
         ShardDataset(cfg.data_dir)
-    encoders = encoders(device) if own else load_encoders(
+    encoders = encoders(device) if encoders else load_encoders(
         cfg.enc_type, dataset.resolution, device, **({"pretrained": False} if cfg.bench else {}))
     pixels = dataset.latent_scale == 1  # scale 1: the 'moments' are pixels in [-1, 1], no VAE
     model_kwargs = dict(size_config(cfg.model), in_channels=3 if pixels else 4,
@@ -1007,11 +1004,6 @@ def start_run(cfg, data=None, encoders=None):
                         class_dropout_prob=cfg.cfg_prob, qk_norm=cfg.qk_norm,
                         z_dims=[e.dim for e in encoders])
     model_kwargs |= {"encoder_depth": cfg.encoder_depth} if cfg.encoder_depth else {}
-    tokens = (model_kwargs["input_size"] // model_kwargs["patch_size"]) ** 2
-    for enc in encoders if own else ():  # check_config checked the named ones
-        if enc.tokens != tokens:
-            raise UserError(f"REPA pairs each SiT token with an encoder patch, but {cfg.model} "
-                            f"has {tokens} tokens and {enc.name} {enc.tokens} patches")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run
     model = SiT(**model_kwargs).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # starts equal to the model
@@ -1177,10 +1169,9 @@ def resume_run(run):
         for group in run.opt.param_groups:
             group.update(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                          weight_decay=cfg.weight_decay)
-        run.step, data = ckpt["steps"], ckpt.get("data")
-        # official checkpoints have no data position: the order restarts at `steps`
-        run.sampler.start = data["epoch"] * run.sampler.per_epoch + data["position"] if data \
-            else run.step
+        run.step, data = ckpt["steps"], ckpt.get("data", {})  # official ones: restart at `steps`
+        run.sampler.start = data.get("epoch", 0) * run.sampler.per_epoch + data.get(
+            "position", run.step)
     run.first_step = run.step
     return path
 
