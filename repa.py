@@ -501,16 +501,12 @@ class Encoder:
     name: str           # e.g. "dinov2-vit-b"
     model: nn.Module    # frozen, in eval mode
     size: int           # input pixels: images are resized to size x size
-    patch: int          # pixels per patch side
+    tokens: int         # patch tokens per image (CLS, registers aside): 256 for a 16 x 16 grid
     mean: torch.Tensor  # (1, 3, 1, 1) on the encoder's device: no host-to-device copy per step
     std: torch.Tensor
     dim: int            # feature width D_k
     prefix: int         # leading tokens to drop (CLS, registers)
     final_norm: bool = True  # features after the final norm (forward_features) or before it
-
-    @property
-    def tokens(self):  # patch tokens per image, CLS and registers aside: 256 for a 16 x 16 grid
-        return (self.size // self.patch) ** 2
 
 
 def parse_encoder(entry):
@@ -572,7 +568,7 @@ def load_encoders(spec="dinov2-vit-b", resolution=256, device="cpu", **timm_kwar
             raise UserError(f"cannot load encoder {name} from {path or 'the cache'}: "
                             f"{type(e).__name__} {' '.join(str(e).split())[:200]}") from None
         mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in fam.norm)
-        encoders.append(Encoder(name, model, pixels, model.patch_embed.patch_size[0], mean, std,
+        encoders.append(Encoder(name, model, pixels, model.patch_embed.num_patches, mean, std,
                                 model.embed_dim, model.num_prefix_tokens, fam.final_norm))
     return encoders
 

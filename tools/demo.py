@@ -13,7 +13,6 @@ README, "Try it: the demo".
   torchrun --nproc_per_node=2 tools/demo.py --max-steps 20
   python sample.py --ckpt results/demo         # a labelled grid of samples
 """
-import argparse
 import contextlib
 import json
 import math
@@ -228,7 +227,7 @@ def demo_encoders(device="cpu"):
     vit = demo_vit()
     cache_once(DEMO_ENCODER + ".pt", pretrain_simclr, vit, every_rank=True)
     return [repa.Encoder(name=DEMO_ENCODER, model=vit.to(device).eval().requires_grad_(False),
-                         size=DemoDataset.resolution, patch=DEMO_PATCH,
+                         size=DemoDataset.resolution, tokens=vit.patch_embed.num_patches,
                          mean=torch.zeros(1, 3, 1, 1, device=device),
                          std=torch.ones(1, 3, 1, 1, device=device), dim=vit.embed_dim, prefix=0)]
 
@@ -512,8 +511,7 @@ def demo_compare(cfg):
 def parse_args(argv=None):
     """(Config, compare, AnalyzeConfig or None): the demo's own flags, then repa.py's training flags
     and tools/analyze.py's with the demo's defaults."""
-    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
-                                     allow_abbrev=False)
+    parser = repa.Parser(description=__doc__.strip().split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--compare", action="store_true", help="train vanilla (lambda 0) and "
                         "REPA with the same seed, side by side; write compare.md and compare.png")
     parser.add_argument("--analyze", default="", metavar="CKPT", help="instead of training, "
