@@ -176,16 +176,6 @@ def simclr_view(images, g):
             ).clamp(0, 1)
 
 
-def demo_probe(features):
-    """Linear-probe accuracy of pooled features (function: uint8 images -> (B, D)) on the demo's
-    classes: trained on 5,000 images of seed 7, tested on 2,000 of seed 8."""
-    seen, unseen = DemoDataset(5000, 7), DemoDataset(2000, 8)
-    with torch.no_grad():
-        x = [torch.cat([features(b) for b in d.images.split(500)]) for d in (seen, unseen)]
-    return repa.linear_probe(x[0], seen.labels, x[1], unseen.labels, DemoDataset.num_classes,
-                             epochs=100, batch_size=1000, lr=1e-2)
-
-
 def pretrain_simclr(batch_size=128, temperature=0.2):
     """SimCLR (Chen et al. 2020) on demo images of seed 100 (not the training set's): two views of
     each image, their pooled tokens through a projection head, and the InfoNCE (NT-Xent) loss
@@ -216,7 +206,12 @@ def pretrain_simclr(batch_size=128, temperature=0.2):
         tokens = torch.cat([vit.forward_features(b / 255) for b in data.images[:2000].split(500)])
     vit.norm.mean.copy_(tokens.mean((0, 1)))
     vit.norm.std.copy_(tokens.std((0, 1)))
-    probe = demo_probe(lambda b: vit.forward_features(b / 255).mean(1))
+    seen, unseen = DemoDataset(5000, 7), DemoDataset(2000, 8)  # the linear probe's images
+    with torch.no_grad():
+        x = [torch.cat([vit.forward_features(b / 255).mean(1) for b in d.images.split(500)])
+             for d in (seen, unseen)]
+    probe = repa.linear_probe(x[0], seen.labels, x[1], unseen.labels, DemoDataset.num_classes,
+                              epochs=100, batch_size=1000, lr=1e-2)
     print0(f"{DEMO_ENCODER}: linear probe on its pooled features {probe:.3f} (chance 0.1)")
     return vit, {"steps": steps, "probe": round(probe, 4)}
 
@@ -453,11 +448,10 @@ def train_side_by_side(cfgs, threads):
 
 
 def demo_compare(cfg):
-    """Train the vanilla SiT (lambda = 0) and SiT + REPA with the same seed: the same initial
-    weights, data order, noise and steps, so that the alignment term is the only difference;
-    both are measured every --align-every steps (a finished run is not trained again). Then
-    compare.md: the speed-up (vanilla's steps over the steps REPA needs to reach its final
-    FD_demo), what sets it, and every measurement of both runs; and compare.png."""
+    """Train the vanilla SiT (lambda = 0) and SiT + REPA with the same seed, weights, data order
+    and noise, both measured every --align-every steps (a finished run is not trained again);
+    then compare.md (the speed-up to vanilla's final FD_demo, what sets it, every measurement)
+    and compare.png."""
     if not (cfg.proj_coeff > 0 and 0 < cfg.align_every <= cfg.max_steps):
         raise UserError("--compare trains with and without REPA and measures both: it needs "
                         "a --proj-coeff above 0 and an --align-every from 1 to --max-steps")

@@ -31,7 +31,7 @@ def demo_cache(tmp_path_factory):
         mp.setenv("REPA_CACHE", folder)
         mp.setattr(demo, "DEMO_ENCODER_STEPS", 2)
         mp.setattr(demo, "DEMO_JUDGE_STEPS", 2)
-        mp.setattr(demo, "demo_probe", lambda features: 0.0)
+        mp.setattr(repa, "linear_probe", lambda *args, **kwargs: 0.0)  # the encoder's probe
         demo.demo_encoders(), demo.demo_judge()
     os.environ["REPA_CACHE"] = folder
     yield folder
