@@ -6,6 +6,7 @@ same deterministic weights and inputs; only the numbers are kept here.
 """
 import copy
 import hashlib
+import json
 import math
 import os
 import subprocess
@@ -1320,8 +1321,12 @@ def test_dit_trains_with_the_ddpm_loss_and_samples_with_ddpm(tmp_path, monkeypat
         *a, **k))
     monkeypatch.setattr(repa, "repa_loss", None)  # not called for a DiT
     run = demo.train_demo(demo.parse_args([*DEMO_FAST, "--model", "DiT-T/2", "--max-steps", "2",
-                                           "--results-dir", str(tmp_path)])[0])
+                                           "--results-dir", str(tmp_path), "--align-every", "2",
+                                           "--align-images", "20"])[0])
     assert seen == [1, 1] and run.model_kwargs["learn_sigma"] and run.model.learn_sigma
+    # the demo's measurement samples a DiT with its DDPM chain (an ODE on eps would not run)
+    rows = [json.loads(line) for line in open(tmp_path / "demo" / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "fd_demo" in r] == [2]
     assert "DiT 2,001,272 parameters" in capsys.readouterr().out
     record = lambda *a, **k: seen.append(a[3:] + tuple(k.values())) or ddpm(*a, **k)
     monkeypatch.setattr(repa, "sample_ddpm", record)

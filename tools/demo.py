@@ -7,7 +7,7 @@ pretrained on them without labels (SimCLR) as the target, and a CNN on the label
 training's flags, resume and torchrun work as for the paper's runs. The design and its numbers:
 README, "Try it: the demo".
 
-  python tools/demo.py                         # REPA on the shapes: ~8 min on a 2-core CPU
+  python tools/demo.py                         # REPA on the shapes: ~5 min on a 2-core CPU
   python tools/demo.py --compare               # vanilla and REPA side by side: compare.md / .png
   python tools/demo.py --analyze results/demo  # fig. 2 (CKNNA, linear probes) on held-out shapes
   torchrun --nproc_per_node=2 tools/demo.py --max-steps 20
@@ -288,14 +288,17 @@ def demo_score(run, num_steps=6):
     labels = (torch.arange(len(heldout)) % run.model.num_classes).to(run.device)
     noise = torch.randn(heldout.images.shape, generator=g).to(run.device)
     solver = sample.Solver("ode", num_steps, heun=True, cfg_scale=1.0, path_type=run.cfg.path_type)
+    if run.model.learn_sigma:  # a DiT: its DDPM chain, as many model calls as Heun's, seeded
+        solver = sample.Solver("ddpm", 2 * num_steps - 1, cfg_scale=1.0)
     chunk = 4 * max(1, run.cfg.batch_size // run.world)  # 4 x what a training step holds
     autocast = torch.autocast(run.device.type, torch.bfloat16, run.precision == "bf16")
 
     @torch.no_grad()
     def measure():
+        generator = torch.Generator(run.device).manual_seed(run.cfg.seed + 2)  # DDPM's noise
         with autocast:
-            x = torch.cat([solver(run.ema, z, y) for z, y in zip(noise.split(chunk),
-                                                                 labels.split(chunk))])
+            x = torch.cat([solver(run.ema, z, y, generator) for z, y in zip(
+                noise.split(chunk), labels.split(chunk))])
         feats = judge.body(repa.to_uint8(x).permute(0, 3, 1, 2).to(run.device) / 255)  # as saved
         fd = evaluate.frechet_distance(*evaluate.gaussian_statistics(feats.cpu()), *real)
         correct = (judge.classify(feats).argmax(1) == labels).float().mean()
