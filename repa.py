@@ -891,7 +891,9 @@ def add_flags(parser, config_class, defaults=None, skip=()):
     choices = getattr(config_class, "CHOICES", {})
     helps = {line.strip().partition(":")[0]: line.partition("#")[2].strip()
              for line in inspect.getsource(config_class).splitlines()}
-    for f in (f for f in fields(config_class) if f.name not in skip):
+    for f in fields(config_class):
+        if f.name in skip:
+            continue
         default = (defaults or {}).get(f.name, f.default)
         kind = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else \
             dict(type=type(f.default), choices=choices.get(f.name))
@@ -1182,8 +1184,8 @@ class Logger:
     def __init__(self, run):
         from tqdm import tqdm
         cfg, self.run, self.count, self.wandb = run.cfg, run, 0, None
-        self.sums, self.flops = torch.zeros(3, device=run.device), train_flops_per_image(
-            run.model, run.encoders)
+        self.sums = torch.zeros(3, device=run.device)
+        self.flops = train_flops_per_image(run.model, run.encoders)
         name = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else ""
         self.peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
         writes = run.rank == 0 and not cfg.bench
