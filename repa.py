@@ -867,6 +867,7 @@ class Config:
     CHOICES = dict(path_type=PATH_TYPES, weighting=("uniform", "lognormal"),  # not fields
                    precision=("auto", "bf16", "fp32"), resolution=(256, 512))
 
+
 # What each numeric flag may be, checked before any slow work
 LIMITS = {**{k: (lambda v: v >= 1, "at least 1") for k in (
     "batch_size", "grad_accum", "max_steps", "log_every", "ckpt_every", "latest_every",

@@ -393,8 +393,8 @@ def plot_compare(curves, metrics, folder, cfg):
 
 
 def train_in_child(cfg, threads):
-    """One run of train_side_by_side, its output in its train.log, in its own session: a signal
-    reaches it once, from the parent."""
+    """One run of train_side_by_side, its output in its train.log, in a process group of its own
+    (setsid): a signal reaches it once, from the parent."""
     os.setsid()
     torch.set_num_threads(threads)
     folder = os.path.join(cfg.results_dir, cfg.exp_name)

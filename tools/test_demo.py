@@ -23,7 +23,7 @@ def run_demo(*args, env=None, timeout=300):
 
 @pytest.fixture(scope="session", autouse=True)
 def demo_cache(tmp_path_factory):
-    """The demo's encoder and judge, pretrained for 2 steps into a cache of the session's own (also
+    """The demo's encoder and judge, pretrained for 2 steps into a cache of the test run's own (also
     for the subprocesses, through REPA_CACHE): the tests check the machinery, the slow test the
     real thing."""
     folder = str(tmp_path_factory.mktemp("repa-cache"))
@@ -130,7 +130,7 @@ def test_the_demo_networks_are_made_once_and_cached(tmp_path, monkeypatch, demo_
     # a file from another version of the demo: one clear line, and the file is kept
     with pytest.raises(repa.UserError, match="another version of the demo: delete it"):
         demo.cache_once("net.pt", make, torch.nn.Linear(2, 4))
-    # the session's encoder and judge: loaded from the cache, frozen, 64 tokens of 96
+    # the test run's encoder and judge: loaded from the cache, frozen, 64 tokens of 96
     monkeypatch.setenv("REPA_CACHE", demo_cache)
     (enc,), (judge, info) = demo.demo_encoders(), demo.demo_judge()
     assert enc.tokens == 64 and enc.dim == 96 and not enc.model.training
