@@ -57,6 +57,7 @@ NUM_CLASSES = 1000      # ImageNet; the null (unconditional) label is index `num
 CLASS_DROPOUT = 0.1     # labels dropped to the null label in training, for guidance (CFG)
 PROJECTOR_DIM = 2048    # width of the projector h_phi's hidden layers (official)
 PATH_TYPES = ("linear", "cosine")
+PROJECTORS = ("mlp", "conv")  # REPA's h_phi, iREPA's
 
 
 class UserError(Exception):
@@ -248,7 +249,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-def projector(hidden_size, projector_dim, z_dim):
+def mlp_projector(hidden_size, projector_dim, z_dim):
     """h_phi of eq. (8): a 3-layer MLP per token, from the SiT width to the encoder's (8M
     parameters that only the loss uses)."""
     return nn.Sequential(nn.Linear(hidden_size, projector_dim), nn.SiLU(),
@@ -256,18 +257,38 @@ def projector(hidden_size, projector_dim, z_dim):
                          nn.Linear(projector_dim, z_dim))
 
 
+class ConvProjector(nn.Module):
+    """iREPA's h_phi (arXiv 2512.10794): one k x k convolution over the grid of tokens, no
+    activation, so that a projected token sees its neighbours, the spatial structure a per-token
+    MLP cannot use. `projection_layer` is the official key: iREPA's checkpoints load."""
+
+    def __init__(self, hidden_size, z_dim, kernel, grid):
+        super().__init__()
+        if grid[0] != grid[1]:
+            raise UserError(f"a conv projector needs a square grid of tokens, got {grid[0]} x "
+                            f"{grid[1]} = {grid[0] * grid[1]} tokens")
+        self.projection_layer = nn.Conv2d(hidden_size, z_dim, kernel, padding=kernel // 2)
+
+    def forward(self, x):  # (B, T, D) -> (B, D, sqrt T, sqrt T) -> conv -> (B, T, z_dim)
+        side = math.isqrt(x.shape[1])
+        return self.projection_layer(x.transpose(1, 2).unflatten(2, (side, side))).flatten(
+            2).transpose(1, 2)
+
+
 class SiT(nn.Module):
     """SiT (Ma et al. 2024), DiT's network on eq. (1), with REPA's projectors reading block
     `encoder_depth` (1-based); defaults: SiT-XL/2 with one DINOv2-B target. With learn_sigma it is
     DiT (the paper's Table 3): eps and the variance value v (2C outputs) for `ddpm_loss`, integer
     timesteps unscaled; SiT(learn_sigma=True, z_dims=()) takes the official DiT's keywords.
+    projector="conv" is iREPA's h_phi, a projector_kernel x projector_kernel convolution.
     forward(x, t, y) -> (out, zs[k] (B, tokens, z_dims[k])), and with return_hidden the state
     after every block (fig. 2)."""
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
                  num_heads=16, mlp_ratio=4.0, class_dropout_prob=CLASS_DROPOUT,
                  num_classes=NUM_CLASSES, encoder_depth=8, z_dims=(768,),
-                 projector_dim=PROJECTOR_DIM, qk_norm=False, learn_sigma=False):
+                 projector_dim=PROJECTOR_DIM, qk_norm=False, learn_sigma=False,
+                 projector="mlp", projector_kernel=3):
         super().__init__()
         if z_dims and not 1 <= encoder_depth <= depth:  # without projectors it reads nothing
             raise UserError(f"encoder_depth must be in [1, {depth}], got {encoder_depth}")
@@ -281,7 +302,12 @@ class SiT(nn.Module):
                                       requires_grad=False)
         self.blocks = nn.ModuleList(SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm)
                                     for _ in range(depth))
-        self.projectors = nn.ModuleList(projector(hidden_size, projector_dim, z) for z in z_dims)
+        if projector not in PROJECTORS:
+            raise UserError(f"unknown projector {projector!r}: choose {' or '.join(PROJECTORS)}")
+        self.projectors = nn.ModuleList(  # the conv keeps PyTorch's init, as the official
+            ConvProjector(hidden_size, z, projector_kernel, self.x_embedder.grid_size)
+            if projector == "conv" else mlp_projector(hidden_size, projector_dim, z)
+            for z in z_dims)
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels * (1 + learn_sigma))
         self.initialize_weights()
 
@@ -310,7 +336,7 @@ class SiT(nn.Module):
         for i, block in enumerate(self.blocks, start=1):
             x = block(x, c)
             hidden += [x] if return_hidden else []
-            if i == self.encoder_depth:  # h_t of eq. (8): read it mid-network, token by token
+            if i == self.encoder_depth:  # h_t of eq. (8): read it mid-network
                 zs = [proj(x) for proj in self.projectors]
         x = self.final_layer(x, c)  # (B, h*w, p*p*C) tokens -> (B, C, h*p, w*p)
         p, h = self.patch_size, int(x.shape[1] ** 0.5)
@@ -369,7 +395,9 @@ def load_sit_weights(model, state_dict):
 def alignment_loss(zs_pred, zs):
     """Eq. (8): -cos(y_*^[n], h_phi(h_t^[n])) averaged over patches n, samples and encoders, token
     n paired with patch n, so zs_pred[k] and zs[k] must both be (B, N, D_k). In fp32: normalising
-    in fp16 underflows to NaN (an official user report)."""
+    in fp16 underflows to NaN (an official user report). zs None: no term (HASTE's early stop)."""
+    if zs is None or not zs_pred:  # or no encoders: a plain SiT or DiT
+        return torch.zeros((), device=zs_pred[0].device if zs_pred else None)
     terms = []
     for k, (zp, z) in enumerate(zip(zs_pred, zs, strict=True)):
         if zp.shape != z.shape:
@@ -378,7 +406,16 @@ def alignment_loss(zs_pred, zs):
                             f"(e.g. patch size 2 for a 16 x 16 DINOv2 grid) and equal widths")
         cos = (F.normalize(zp.float(), dim=-1) * F.normalize(z.float(), dim=-1)).sum(-1)
         terms.append(-cos.mean())
-    return torch.stack(terms).mean() if terms else torch.zeros(())  # no encoders: plain SiT/DiT
+    return torch.stack(terms).mean()
+
+
+def spatial_norm(z, alpha):
+    """iREPA's target: each channel of y_* (B, N, D) z-scored over the N patches of its image, the
+    mean scaled by alpha (0.6 for latents): (y - alpha mean_n y) / (std_n y + 1e-6), std unbiased
+    as the official `spatial_zscore`, in float32 (the official: the encoder's fp16). It takes away
+    what all patches share, leaving their spatial contrast as the target."""
+    z = z.float()
+    return (z - alpha * z.mean(dim=1, keepdim=True)) / (z.std(dim=1, keepdim=True) + 1e-6)
 
 
 def repa_loss(model, x, y, zs, path_type="linear", weighting="uniform", t=None, noise=None):
@@ -829,6 +866,10 @@ class Config:
     enc_type: str = "dinov2-vit-b"  # frozen encoder(s), comma-separated; NAME=PATH for a file
     proj_coeff: float = 0.5     # lambda of eq. (9); 0 trains the vanilla SiT
     projector_dim: int = PROJECTOR_DIM  # hidden width of the projector h_phi
+    projector: str = "mlp"      # h_phi: REPA's MLP, or iREPA's convolution over the token grid
+    projector_kernel: int = 3   # the conv projector's k (iREPA's paper; its latent config: 1)
+    spatial_norm: float = 0.0   # iREPA: the target's patches z-scored, alpha (0.6) x mean; 0 = off
+    align_until: int = 0        # HASTE: no alignment term, no encoder, from this step; 0 = never
     path_type: str = "linear"   # the interpolant of eq. (1) (SiT)
     weighting: str = "uniform"  # how t is drawn (SiT)
     cfg_prob: float = CLASS_DROPOUT  # label dropout, for classifier-free guidance
@@ -865,6 +906,7 @@ class Config:
     align_images: int = 1024    # images in that fixed batch
     knn: int = 10               # k, the nearest neighbours of CKNNA (the paper's 10)
     CHOICES = dict(path_type=PATH_TYPES, weighting=("uniform", "lognormal"),  # not fields
+                   projector=PROJECTORS,
                    precision=("auto", "bf16", "fp32"), resolution=(256, 512))
 
 
@@ -874,10 +916,12 @@ LIMITS = {**{k: (lambda v: v >= 1, "at least 1") for k in (
     "projector_dim")},
     **{k: (lambda v: v >= 0, "at least 0") for k in (
         "bench", "encoder_depth", "num_workers", "seed", "sample_every", "weight_decay",
-        "proj_coeff", "align_every")},
+        "proj_coeff", "align_every", "align_until")},
     **{k: (lambda v: v > 0, "positive") for k in ("lr", "adam_eps", "max_grad_norm")},
     **{k: (lambda v: 0 <= v < 1, "in [0, 1)") for k in ("adam_beta1", "adam_beta2", "cfg_prob")},
-    "ema_decay": (lambda v: 0 <= v <= 1, "in [0, 1]"), "knn": (lambda v: v >= 2, "at least 2")}
+    **{k: (lambda v: 0 <= v <= 1, "in [0, 1]") for k in ("ema_decay", "spatial_norm")},
+    "knn": (lambda v: v >= 2, "at least 2"),
+    "projector_kernel": (lambda v: v >= 1 and v % 2, "odd (the grid keeps its size), at least 1")}
 
 
 class Parser(argparse.ArgumentParser):
@@ -922,6 +966,9 @@ def check_config(cfg, world=1, named_encoders=True):
     if size.get("learn_sigma") and (cfg.path_type, cfg.weighting) != ("linear", "uniform"):
         raise UserError(f"--path-type and --weighting are SiT's: {cfg.model} trains on its DDPM "
                         f"chain; drop them")
+    if cfg.align_until and not cfg.proj_coeff:
+        raise UserError(f"--align-until {cfg.align_until} stops the alignment term, but "
+                        f"--proj-coeff is 0: there is none to stop")
     if cfg.encoder_depth > size["depth"]:
         raise UserError(f"--encoder-depth must be at most {size['depth']} for {cfg.model}, "
                         f"got {cfg.encoder_depth}")
@@ -1001,7 +1048,8 @@ def start_run(cfg, data=None, encoders=None):
                         input_size=dataset.resolution // (1 if pixels else VAE_DOWNSAMPLE),
                         num_classes=dataset.num_classes, projector_dim=cfg.projector_dim,
                         class_dropout_prob=cfg.cfg_prob, qk_norm=cfg.qk_norm,
-                        z_dims=[e.dim for e in encoders])
+                        z_dims=[e.dim for e in encoders], projector=cfg.projector,
+                        projector_kernel=cfg.projector_kernel)
     model_kwargs |= {"encoder_depth": cfg.encoder_depth} if cfg.encoder_depth else {}
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run
     model = SiT(**model_kwargs).to(device)
@@ -1010,7 +1058,9 @@ def start_run(cfg, data=None, encoders=None):
                             eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=cuda)
     net = torch.compile(model) if cfg.compile else model
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if cuda else None)
+        # past --align-until the projectors get no gradient (HASTE: find_unused_parameters too)
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device] if cuda else None, find_unused_parameters=cfg.align_until > 0)
     micro = cfg.batch_size // (world * cfg.grad_accum)
     sampler = ResumableBatches(len(dataset), micro, rank, world, cfg.grad_accum, cfg.seed)
     folder = os.path.join(cfg.results_dir, cfg.exp_name)
@@ -1030,13 +1080,16 @@ def train_step(run, micro_batches):
     """One optimisation step over `grad_accum` micro-batches: encode, sample the latents, eq. (9),
     backward; clip; AdamW; EMA. Returns (loss, alignment, grad-norm) on the device, unsynced."""
     cfg, accum = run.cfg, len(micro_batches)
+    aligning = not cfg.align_until or run.step < cfg.align_until  # HASTE stops at align_until
     autocast = torch.autocast(run.device.type, torch.bfloat16, enabled=run.precision == "bf16")
     stats = torch.zeros(3, device=run.device)
     for m, batch in enumerate(micro_batches):
         torch.manual_seed(step_seed(cfg.seed, run.step, run.rank * accum + m))
         images, moments, labels = (t.to(run.device, non_blocking=True) for t in batch)
-        with autocast:
-            zs = encode(run.encoders, images)  # y_* of eq. (8), frozen, no grad
+        with autocast:  # y_* of eq. (8), frozen, no grad
+            zs = encode(run.encoders, images) if aligning else None
+        if zs and cfg.spatial_norm:  # iREPA's target
+            zs = [spatial_norm(z, cfg.spatial_norm) for z in zs]
         mean, std = moments.chunk(2, dim=1)  # sample the VAE posterior, then scale
         x = (mean + std * torch.randn_like(mean)) * run.dataset.latent_scale
         sync = m == accum - 1 or run.world == 1  # DDP all-reduces on the last micro-batch only
@@ -1063,8 +1116,9 @@ def train_step(run, micro_batches):
 # {"model", "ema", "opt", "args", "steps"} as the official checkpoints (`args` a plain dict of the
 # Config, so torch.load(weights_only=True) needs no allow-list), plus "model_kwargs" (the exact
 # SiT(...) call), "data" (where the data order continues) and the data set's "class_names".
-METHOD_FIELDS = ("model", "enc_type", "encoder_depth", "projector_dim", "proj_coeff",
-                 "path_type", "weighting", "cfg_prob", "qk_norm", "batch_size", "seed")
+METHOD_FIELDS = ("model", "enc_type", "encoder_depth", "projector_dim", "proj_coeff", "projector",
+                 "projector_kernel", "spatial_norm", "align_until", "path_type", "weighting",
+                 "cfg_prob", "qk_norm", "batch_size", "seed")
 
 
 def write_checkpoint(path, state):  # never left half-written
@@ -1519,6 +1573,9 @@ def train(cfg, data=None, encoders=None, measure=None):
                 torch.cuda.set_sync_debug_mode(0)
             if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
                 log.flush()  # the one host sync of the interval
+            if run.step == cfg.align_until:
+                print0(f"step {run.step}: --align-until reached; from here no alignment term, and "
+                       f"the encoders no longer run (HASTE)")
             # Grids, measurements, a signal, checkpoints: time not counted as training
             began = time.perf_counter()
             if grid and (run.step == 1 or run.step % cfg.sample_every == 0):

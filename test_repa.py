@@ -227,6 +227,96 @@ def test_pos_embed_equals_official():
 
 
 # ---------------------------------------------------------------------------------------------
+# The REPA family. iREPA's conv projector and spatially normalised target, equal to the official
+# iREPA code (End2End-Diffusion/iREPA, ldm/models/sit.py and ldm/utils.py at its commit 99ad4ac):
+# its SiT with projection_layer_type="conv" filled by fill_ (the same sorted keys), the inputs of
+# test_forward_equals_official; spatial_zscore on GOLDEN_IREPA_FEAT.
+# ---------------------------------------------------------------------------------------------
+GOLDEN_IREPA = {
+    "conv3": {"v": [-84.14913060469553, 402.7037110628444, 21.557417012880414, 0.8718723058700562,
+                    -0.3351539373397827, 0.7438353896141052, -0.7868244051933289,
+                    0.4630834460258484, -0.8398630023002625],
+              "zs": [[-340.7697189450264, 5961.307673814291, 21.293244389621762,
+                      -0.3945276141166687, 0.3335508108139038, 1.3136543035507202,
+                      -2.0195446014404297, 0.8998187780380249, 1.7542483806610107]]},
+    "conv1": {"v": [29.966824458213523, 507.93712946497686, -1.472966078022556,
+                    -0.5111205577850342, -0.8701865673065186, 0.6360722780227661,
+                    -0.966271698474884, -0.3795293867588043, -0.8000218868255615],
+              "zs": [[70.69154735573102, 1212.236193205991, 23.493742944810812,
+                      -1.1595479249954224, 2.3696794509887695, -1.5126457214355469,
+                      -1.3776260614395142, 0.7235586643218994, -1.0450048446655273]]},
+    "conv3x2": {"v": [-243.11361008509994, 527.8844393512122, 13.89645286459073,
+                      0.39727121591567993, -1.0198909044265747, -0.23716560006141663,
+                      -1.3348017930984497, -1.458411455154419, -2.084660530090332],
+                "zs": [[-226.23089673835784, 6225.946319527774, 23.1154229797902,
+                        -0.00834435224533081, 0.1637846827507019, 2.6539034843444824,
+                        -2.0273079872131348, 0.5908084511756897, 1.8183586597442627],
+                       [158.9547480121255, 6824.213379838107, -1.6689277516109549,
+                        1.558656930923462, 0.17348483204841614, -0.18195194005966187,
+                        -0.7244253158569336, -0.05744427442550659, 0.6753861308097839]]},
+    "zscore0.6": [24.324997512623668, 1105.5913719853456, 0.23924144712131046,
+                  -1.6241658926010132, 0.7844306230545044, -1.4543591737747192,
+                  -1.2892018556594849, -1.1482363939285278, 0.7718112468719482],
+    "zscore1.0": [2.5556655600667e-06, 1079.9988880910475, -3.1830819246949225,
+                  -1.5172380208969116, 1.039511799812317, -1.442242980003357,
+                  -1.2843776941299438, -0.8740211129188538, 0.6567265391349792]}
+
+
+def as_checks(values):  # the list of checks() as assert_golden's dict
+    return dict(zip(["sum", "sumsq", "wsum"], values[:3]), first=values[3:])
+
+
+def golden_irepa_feat():  # (3 images, 16 patches, 24 channels), each channel its own offset
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(3, 16, 24, generator=g) * 2 + torch.linspace(-1, 1, 24)
+
+
+@pytest.mark.parametrize("case,z_dims,kernel", [("conv3", (32,), 3), ("conv1", (32,), 1),
+                                                ("conv3x2", (32, 48), 3)])
+def test_conv_projector_equals_official_irepa(case, z_dims, kernel):
+    model = fill_(tiny_model(z_dims, projector="conv", projector_kernel=kernel)).eval()
+    assert [k for k in model.state_dict() if k.startswith("projectors.0")] == [
+        "projectors.0.projection_layer.weight", "projectors.0.projection_layer.bias"]
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(3, 4, 8, 8, generator=g), torch.rand(3, generator=g)
+    with torch.no_grad():
+        v, zs = model(x, t, torch.tensor([1, 7, 1000]))
+    assert_golden(v, as_checks(GOLDEN_IREPA[case]["v"]))
+    for z, expected in zip(zs, GOLDEN_IREPA[case]["zs"], strict=True):
+        assert_golden(z, as_checks(expected))
+
+
+def test_conv_projector_is_a_convolution_over_the_token_grid():
+    # by hand: token (i, j) of a 3 x 3 kernel sums its 8 neighbours' and its own D-vectors
+    conv = repa.ConvProjector(2, 1, 3, (4, 4))
+    with torch.no_grad():
+        conv.projection_layer.weight.fill_(1.0)
+        conv.projection_layer.bias.zero_()
+    x = torch.arange(16.0).view(1, 16, 1).expand(1, 16, 2)  # token n of the row-major 4 x 4 grid
+    out = conv(x).view(4, 4)
+    grid = torch.arange(16.0).view(4, 4)
+    assert out[1, 1] == 2 * grid[0:3, 0:3].sum() and out[0, 3] == 2 * grid[0:2, 2:4].sum()
+
+
+@pytest.mark.parametrize("alpha", [0.6, 1.0])
+def test_spatial_norm_equals_official_irepa(alpha):
+    z = repa.spatial_norm(golden_irepa_feat(), alpha)
+    assert_golden(z, as_checks(GOLDEN_IREPA[f"zscore{alpha}"]))
+    # the closed form: per image and channel, over the patches, std 1 and mean (1 - alpha) m / s
+    feat = golden_irepa_feat()
+    m, sd = feat.mean(1), feat.std(1)
+    torch.testing.assert_close(z.std(1), torch.ones_like(sd), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z.mean(1), (1 - alpha) * m / (sd + 1e-6), rtol=1e-5, atol=1e-5)
+
+
+def test_a_conv_projector_needs_a_square_grid():
+    with pytest.raises(repa.UserError, match="square grid of tokens, got 4 x 2 = 8 tokens"):
+        tiny_model(input_size=(8, 4), projector="conv")
+    with pytest.raises(repa.UserError, match="unknown projector 'attn'"):
+        tiny_model(projector="attn")
+
+
+# ---------------------------------------------------------------------------------------------
 # Loss: the alignment term is -cos, so -1 for identical features and about 0 for unrelated
 # ones; and both terms equal the official SILoss given the same t and noise.
 # ---------------------------------------------------------------------------------------------
@@ -826,13 +916,15 @@ def weights(path):
 
 
 @pytest.mark.slow
-def test_one_ddp_step_on_two_processes_equals_accumulation(tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--align-until", "1"]], ids=["repa", "haste"])
+def test_one_ddp_step_on_two_processes_equals_accumulation(tmp_path, flags):
+    # with --align-until 1, step 2's projectors have no gradient: DDP must still agree
     a = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        "--standalone", DEMO_PY, *DEMO_FAST,
+                        "--standalone", DEMO_PY, *DEMO_FAST, *flags,
                         "--max-steps", "2", "--results-dir", str(tmp_path / "ddp")],
                        capture_output=True, text=True, timeout=300, cwd=HERE)
     assert a.returncode == 0, a.stderr[-2000:]
-    b = run_demo(*DEMO_FAST, "--max-steps", "2", "--grad-accum", "2",
+    b = run_demo(*DEMO_FAST, *flags, "--max-steps", "2", "--grad-accum", "2",
                  "--results-dir", str(tmp_path / "one"))
     assert b.returncode == 0, b.stderr[-2000:]
     _, wa = weights(tmp_path / "ddp" / "demo" / "checkpoints" / "0000002.pt")
@@ -841,18 +933,33 @@ def test_one_ddp_step_on_two_processes_equals_accumulation(tmp_path):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-def test_resume_is_exact(tmp_path):
-    full = run_demo(*DEMO_FAST, "--max-steps", "6", "--results-dir", str(tmp_path / "full"))
-    half = run_demo(*DEMO_FAST, "--max-steps", "3", "--results-dir", str(tmp_path / "half"))
-    rest = run_demo(*DEMO_FAST, "--max-steps", "6", "--results-dir", str(tmp_path / "half"))
+# iREPA's projector and target, and a resume across HASTE's stop at step 4
+FAMILY = ["--projector", "conv", "--spatial-norm", "0.6", "--align-until", "4"]
+
+
+@pytest.mark.parametrize("flags", [[], FAMILY], ids=["repa", "irepa-haste"])
+def test_resume_is_exact(tmp_path, flags, capsys):
+    full = run_demo(*DEMO_FAST, *flags, "--max-steps", "6", "--results-dir", str(tmp_path / "full"))
+    half = run_demo(*DEMO_FAST, *flags, "--max-steps", "3", "--results-dir", str(tmp_path / "half"))
+    rest = run_demo(*DEMO_FAST, *flags, "--max-steps", "6", "--results-dir", str(tmp_path / "half"))
     assert full.returncode == half.returncode == rest.returncode == 0, rest.stderr[-2000:]
     assert "resumed from" in rest.stdout and "at step 3" in rest.stdout
+    said = "step 4: --align-until reached"  # once, at the step
+    assert [r.stdout.count(said) for r in (full, half, rest)] == ([1, 0, 1] if flags else [0] * 3)
     ca, wa = weights(tmp_path / "full" / "demo" / "checkpoints" / "0000006.pt")
     cb, wb = weights(tmp_path / "half" / "demo" / "checkpoints" / "0000006.pt")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert ca["data"] == cb["data"] and ca["steps"] == cb["steps"] == 6
     sa, sb = ca["opt"]["state"], cb["opt"]["state"]
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+    if flags:  # the run folder samples with no flags; the alignment term is 0 from step 5
+        assert ca["model_kwargs"]["projector"] == "conv" and ca["args"]["spatial_norm"] == 0.6
+        rows = open(tmp_path / "full" / "demo" / "metrics.jsonl")
+        aligns = [json.loads(row)["align"] for row in rows]
+        assert 0 not in aligns[:4] and aligns[4:] == [0, 0]
+        sample.main(["--ckpt", str(tmp_path / "half" / "demo"), "--sample-dir", str(tmp_path),
+                     "--num-steps", "2"])
+        assert "-grid.png" in capsys.readouterr().out
 
 
 def test_sigterm_saves_exits_zero_and_resumes_like_an_unbroken_run(tmp_path):
@@ -1157,6 +1264,19 @@ def test_projector_learns_nothing_without_the_alignment_term():
     assert all(p.grad is None for p in run.model.parameters())  # no gradient left for the next
 
 
+def test_align_until_stops_the_term_and_the_encoders(monkeypatch):
+    run, data = demo_run("--align-until", "1")
+    assert repa.train_step(run, [next(data)])[1] < 0  # step 0 aligns
+    before = params(run.model)
+    monkeypatch.setattr(repa, "encode", lambda *a: pytest.fail("an encoder ran past the stop"))
+    stats = repa.train_step(run, [next(data)])
+    after = params(run.model)
+    assert stats[1] == 0 and torch.isfinite(stats).all()
+    moved = {n: not torch.equal(after[n], before[n]) for n in before if after[n].requires_grad}
+    assert not any(m for n, m in moved.items() if n.startswith("projectors."))  # no gradient
+    assert all(m for n, m in moved.items() if n.startswith("blocks."))
+
+
 def test_checkpoint_schema_and_data_position(tmp_path):
     run, data = demo_run("--results-dir", str(tmp_path), "--lr", "0.002")
     os.makedirs(run.ckpt_dir)
@@ -1268,7 +1388,12 @@ def test_a_finished_run_says_so_and_changes_nothing(tmp_path):
     (["--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
     (["--encoder-depth", "29"], "--encoder-depth must be at most 28 for XL/2"),
     (["--model", "XL/4"], "has 64 tokens and the encoder 256 patches: use patch size 2"),
-    (["--resolution", "300"], "argument --resolution: invalid choice: 300")])
+    (["--resolution", "300"], "argument --resolution: invalid choice: 300"),
+    (["--align-until", "100", "--proj-coeff", "0"], "--proj-coeff is 0: there is none to stop"),
+    (["--spatial-norm", "1.5"], "--spatial-norm must be in [0, 1], got 1.5"),
+    (["--spatial-norm", "-0.1"], "--spatial-norm must be in [0, 1], got -0.1"),
+    (["--projector-kernel", "2"], "--projector-kernel must be odd (the grid keeps its size)"),
+    (["--projector", "attn"], "argument --projector: invalid choice: 'attn'")])
 def test_bad_values_are_one_line_before_any_data_is_read(flags, message, capsys):
     # the default --data-dir does not exist: the value must be named, not the missing dataset
     code, out, err = cli(capsys, *flags)
