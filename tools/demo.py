@@ -9,6 +9,7 @@ README, "Try it: the demo".
 
   python tools/demo.py                         # REPA on the shapes: ~5 min on a 2-core CPU
   python tools/demo.py --compare               # vanilla and REPA side by side: compare.md / .png
+  python tools/demo.py --compare REPA= iREPA="--projector conv --spatial-norm 0.6"  # any two
   python tools/demo.py --analyze results/demo  # fig. 2 (CKNNA, linear probes) on held-out shapes
   torchrun --nproc_per_node=2 tools/demo.py --max-steps 20
   python sample.py --ckpt results/demo         # a labelled grid of samples
@@ -17,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -335,57 +337,58 @@ def steps_to_reach(steps, values, target):
     return None
 
 
-def speedups(vanilla, aligned):
-    """For each of vanilla's measurements (step s, FD_demo v) of (steps, values) curves, s over the
-    step at which REPA, measured up to s, reached v; None where it had not."""
+def speedups(base, other):
+    """For each of the baseline's measurements (step s, FD_demo v) of (steps, values) curves, s
+    over the step at which the other run, measured up to s, reached v; None where it had not."""
     out = []
-    for s, v in zip(*vanilla):  # REPA's curve as measured up to s
-        reached = steps_to_reach(*(c[:sum(r <= s for r in aligned[0])] for c in aligned), v)
+    for s, v in zip(*base):  # the other's curve as measured up to s
+        reached = steps_to_reach(*(c[:sum(r <= s for r in other[0])] for c in other), v)
         out.append(s / reached if reached else None)
     return out
 
 
-def gap_and_slope(vanilla, aligned):
-    """(r, s): REPA's FD_demo r times lower than vanilla's at the last step, vanilla's falling as
-    step^-s over its last two measurements. On a power law REPA then needs 1 / r^(1/s) of the
-    steps: the paper's s = 0.25 (FID 17.2 at 400K steps, 8.3 at 7M) makes its r = 2.2 worth about
-    20x; the demo's s near 1 makes its r of 1.2-1.3 worth 1.2x-1.4x (README: "The goal")."""
-    (steps, values), repa_values = vanilla, aligned[1]
+def gap_and_slope(base, other):
+    """(r, s): the other's FD_demo r times lower than the baseline's at the last step, the
+    baseline's falling as step^-s over its last two measurements. On a power law the other then
+    needs 1 / r^(1/s) of the steps: the paper's s = 0.25 (FID 17.2 at 400K steps, 8.3 at 7M)
+    makes REPA's r = 2.2 worth about 20x; the demo's s near 1 makes its r of 1.2-1.3 worth
+    1.2x-1.4x (README: "The goal")."""
+    (steps, values), other_values = base, other[1]
     s = math.log(values[-2] / values[-1]) / math.log(steps[-1] / steps[-2])
-    return values[-1] / repa_values[-1], s
+    return values[-1] / other_values[-1], s
 
 
-def explain_speedup(vanilla, aligned):
+def explain_speedup(base, other, names=("vanilla", "REPA")):
     """compare.md's sentence on gap_and_slope."""
-    r, s = gap_and_slope(vanilla, aligned)
-    return f"At the last step vanilla's FD_demo is {r:.2f} times REPA's, " + (
-        f"and vanilla's falls as step^-{s:.2f} (its last two measurements): on that power law "
-        f"{r:.2f}^(1/{s:.2f}) = {r ** (1 / s):.2f}x fewer steps (the paper: 2.2 times lower at "
-        f"400K steps, on a curve falling as step^-0.25)." if s > 0 else
-        "and vanilla's did not fall over its last two measurements.")
+    r, s = gap_and_slope(base, other)
+    return f"At the last step {names[0]}'s FD_demo is {r:.2f} times {names[1]}'s, " + (
+        f"and {names[0]}'s falls as step^-{s:.2f} (its last two measurements): on that power law "
+        f"{r:.2f}^(1/{s:.2f}) = {r ** (1 / s):.2f}x fewer steps (REPA in the paper: 2.2 times "
+        f"lower than vanilla at 400K steps, on a curve falling as step^-0.25)." if s > 0 else
+        f"and {names[0]}'s did not fall over its last two measurements.")
 
 
-def plot_compare(curves, metrics, folder, cfg):
-    """compare.png: the four curves, vanilla against REPA, over the grids of both at the last
-    two grid steps, drawn from the same noise."""
+def plot_compare(curves, metrics, runs, folder):
+    """compare.png: the four curves, the baseline against the other, over the grids of both at
+    the last two grid steps, drawn from the same noise. `runs`: {name: its Config}."""
     from matplotlib.figure import Figure
     from matplotlib.image import imread
-    names = [set(os.listdir(os.path.join(folder, run, "samples"))) if cfg.sample_every else set()
-             for run in ("vanilla", "repa")]  # the training's grids (0001000.png), not sample.py's
-    grids = sorted(n for n in names[0] & names[1] if n[:7].isdigit() and n[7:] == ".png")[-2:]
-    fig = Figure(figsize=(16, 4 + 4.2 * bool(grids)))
+    folders = {name: os.path.join(c.results_dir, c.exp_name, "samples") for name, c in runs.items()}
+    files = [set(os.listdir(f)) if os.path.isdir(f) else set() for f in folders.values()]
+    grids = sorted(n for n in set.intersection(*files) if n[:7].isdigit() and n[7:] == ".png")[-2:]
+    fig = Figure(figsize=(16, 4 + 4.2 * bool(grids)))  # the training's grids, not sample.py's
     axes = fig.subplots(1 + bool(grids), 4, squeeze=False)
     for ax, (key, title) in zip(axes[0], metrics.items()):
-        for name, style in (("vanilla", "--"), ("REPA", "-")):
+        for name, style in zip(runs, ("--", "-")):
             ax.plot(*curves[name][key], style, marker="o", markersize=3, label=name)
         ax.set(xlabel="training step", title=title)
         ax.grid(alpha=0.3)
         ax.legend()
-    # Grids guide only a model that learned the null label (label dropout during training)
-    guidance = f"CFG {repa.GRID_CFG:g}" if cfg.cfg_prob > 0 else "no guidance"
-    for ax, (grid, run) in zip(axes[1:].flat, [(g, r) for g in grids for r in ("vanilla", "repa")]):
-        ax.imshow(imread(os.path.join(folder, run, "samples", grid)))
-        ax.set_title(f"{'REPA' if run == 'repa' else run}, step {int(grid[:7])} ({guidance})")
+    for ax, (grid, name) in zip(axes[1:].flat, [(g, n) for g in grids for n in runs]):
+        ax.imshow(imread(os.path.join(folders[name], grid)))
+        # grids guide only a model that learned the null label (label dropout)
+        guidance = f"CFG {repa.GRID_CFG:g}" if runs[name].cfg_prob > 0 else "no guidance"
+        ax.set_title(f"{name}, step {int(grid[:7])} ({guidance})")
         ax.axis("off")
     fig.tight_layout()
     atomic_write(os.path.join(folder, "compare.png"), lambda f: fig.savefig(f, format="png",
@@ -450,54 +453,80 @@ def train_side_by_side(cfgs, threads):
     return not stopped
 
 
-def demo_compare(cfg):
-    """Train the vanilla SiT (lambda = 0) and SiT + REPA with the same seed, weights, data order
-    and noise, both measured every --align-every steps (a finished run is not trained again);
-    then compare.md (the speed-up to vanilla's final FD_demo, what sets it, every measurement)
-    and compare.png."""
-    if not (cfg.proj_coeff > 0 and 0 < cfg.align_every <= cfg.max_steps):
-        raise UserError("--compare trains with and without REPA and measures both: it needs "
-                        "a --proj-coeff above 0 and an --align-every from 1 to --max-steps")
+VERSUS = ["vanilla=--proj-coeff 0", "REPA="]  # --compare's recipes unless it names two
+
+
+def recipes(cfg, texts):
+    """{NAME: Config} for --compare's 'NAME=FLAGS' (the baseline first): FLAGS, repa.py's, on top
+    of the command's, e.g. REPA= (the command's own) or iREPA="--projector conv"."""
+    if len(texts) != 2 or not all(t.partition("=")[0] and "=" in t for t in texts):
+        raise UserError(f"--compare takes two recipes NAME=FLAGS (the baseline first), e.g. "
+                        f"REPA= iREPA=\"--spatial-norm 0.6\", got {' '.join(texts)}")
+    runs = {}
+    for text in texts:
+        name, _, flags = text.partition("=")
+        parser = repa.Parser(prog=f"tools/demo.py --compare {name}=", allow_abbrev=False)
+        repa.add_flags(parser, repa.Config, defaults=vars(cfg), skip=NOT_FLAGS)
+        given = vars(parser.parse_args(shlex.split(flags)))
+        runs[name] = replace(cfg, **{**given, "exp_name": os.path.join(cfg.exp_name, name.lower())})
+    a, b = runs.values()
+    if replace(a, exp_name="") == replace(b, exp_name=""):
+        raise UserError(f"--compare's two recipes are the same run ({', '.join(texts)})")
+    for c in runs.values():
+        if not 0 < c.align_every <= c.max_steps or (c.max_steps, c.align_every) != (
+                a.max_steps, a.align_every):
+            raise UserError("--compare measures both runs at the same steps: it needs one "
+                            "--align-every from 1 to --max-steps, and one --max-steps")
+    return runs
+
+
+def demo_compare(cfg, texts):
+    """Train two recipes with the same seed, weights, data order and noise, both measured every
+    --align-every steps (a finished run is not trained again); then compare.md (the speed-up to
+    the baseline's final FD_demo, what sets it, every measurement) and compare.png."""
+    runs = recipes(cfg, texts or VERSUS)
+    (base, other), flags = runs, [t.partition("=")[2] or "the command's flags" for t in texts or
+                                  VERSUS]
     folder = os.path.join(cfg.results_dir, cfg.exp_name)
-    runs = {name: replace(cfg, proj_coeff=coeff, exp_name=os.path.join(cfg.exp_name, name.lower()))
-            for name, coeff in (("vanilla", 0.0), ("REPA", cfg.proj_coeff))}
     threads = torch.get_num_threads() // len(runs)
     if "RANK" in os.environ or torch.cuda.is_available() or threads < 1:
         for name, run_cfg in runs.items():
-            print0(f"--- {name}: lambda = {run_cfg.proj_coeff}")
+            print0(f"--- {name}")
             train_demo(run_cfg)
     else:
-        repa.check_config(cfg, 1, named_encoders=False)  # before the encoder and judge are made
+        for run_cfg in runs.values():  # before the encoder and judge are made
+            repa.check_config(run_cfg, 1, named_encoders=False)
         if not train_side_by_side(list(runs.values()), threads):
             return
     if int(os.environ.get("RANK", 0)):
         return
     curves = {name: metric_curves(os.path.join(folder, name.lower())) for name in runs}
-    block = next(k for k in curves["REPA"] if k.startswith("probe/block"))[11:]  # the aligned
+    block = next(k for k in curves[other] if k.startswith("probe/block"))[11:]  # the aligned
     metrics = {"fd_demo": "FD_demo, no guidance (lower is better)",
                "class_acc": "class accuracy of samples, no guidance",
                f"cknna/{DEMO_ENCODER}/block{block}": "CKNNA with the encoder, aligned block",
                f"probe/block{block}": "linear probe, aligned block"}
-    fds = curves["vanilla"]["fd_demo"], curves["REPA"]["fd_demo"]
+    fds = curves[base]["fd_demo"], curves[other]["fd_demo"]
     (steps, fd), ups = fds[0], speedups(*fds)
-    speedup = (f"REPA reaches vanilla's final FD_demo ({fd[-1]:.1f} at step {steps[-1]}) at step "
-               f"{steps[-1] / ups[-1]:.0f}: {ups[-1]:.1f}x fewer steps" if ups[-1] else
-               f"REPA does not reach vanilla's final FD_demo ({fd[-1]:.1f} at step {steps[-1]}) "
-               f"within {steps[-1]} steps")
+    speedup = (f"{other} reaches {base}'s final FD_demo ({fd[-1]:.1f} at step {steps[-1]}) at "
+               f"step {steps[-1] / ups[-1]:.0f}: {ups[-1]:.1f}x fewer steps" if ups[-1] else
+               f"{other} does not reach {base}'s final FD_demo ({fd[-1]:.1f} at step "
+               f"{steps[-1]}) within {steps[-1]} steps")
     lines = [f"# tools/demo.py --compare, seed {cfg.seed}", "",
              f"{cfg.model}, {cfg.max_steps} steps of batch {cfg.batch_size} at lr {cfg.lr:g} "
-             f"(both runs), lambda {cfg.proj_coeff} at block {block}, target {DEMO_ENCODER}; "
-             f"judge: a CNN on the labels.", "", f"**{speedup}.**", "",
-             *([explain_speedup(*fds), ""] if len(steps) > 1 else []),
-             "speed-up: a row's step over the step at which REPA reached vanilla's FD_demo of "
-             "that row.", "", "| step | " + " | ".join(f"{m} vanilla | {m} REPA" for m in metrics)
-             + " | speed-up |", "|---" * (2 + 2 * len(metrics)) + "|"]
+             f"(both runs), aligned at block {block} to {DEMO_ENCODER}; judge: a CNN on the "
+             f"labels. {base}: {flags[0]}; {other}: {flags[1]}.", "", f"**{speedup}.**", "",
+             *([explain_speedup(*fds, names=tuple(runs)), ""] if len(steps) > 1 else []),
+             f"speed-up: a row's step over the step at which {other} reached {base}'s FD_demo of "
+             f"that row.", "", "| step | " + " | ".join(f"{m} {name}" for m in metrics
+                                                        for name in runs) + " | speed-up |",
+             "|---" * (2 + 2 * len(metrics)) + "|"]
     for i, step in enumerate(steps):
         cells = [f"{curves[name][m][1][i]:.4g}" for m in metrics for name in runs]
         lines.append(f"| {step} | {' | '.join(cells)} | {f'{ups[i]:.2f}x' if ups[i] else 'none'} |")
     atomic_write(os.path.join(folder, "compare.md"), lambda f: f.write("\n".join(lines) + "\n"),
                  "w")
-    plot_compare(curves, metrics, folder, cfg)
+    plot_compare(curves, metrics, runs, folder)
     print0(f"{speedup}. Report: {os.path.join(folder, 'compare.md')}, compare.png")
 
 
@@ -509,8 +538,9 @@ def parse_args(argv=None):
     """(Config, compare, AnalyzeConfig or None): the demo's own flags, then repa.py's training flags
     and tools/analyze.py's with the demo's defaults."""
     parser = repa.Parser(description=__doc__.strip().split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("--compare", action="store_true", help="train vanilla (lambda 0) and "
-                        "REPA with the same seed, side by side; write compare.md and compare.png")
+    parser.add_argument("--compare", nargs="*", metavar="NAME=FLAGS", help="train two recipes "
+                        "with the same seed, side by side, and write compare.md and compare.png;"
+                        " alone: vanilla=\"--proj-coeff 0\" REPA= (FLAGS on top of the command's)")
     parser.add_argument("--analyze", default="", metavar="CKPT", help="instead of training, "
                         "measure a checkpoint or run folder on held-out shapes (fig. 2)")
     training = parser.add_argument_group("training", "repa.py's flags, with the demo's defaults")
@@ -531,8 +561,9 @@ def parse_args(argv=None):
 def main(argv=None):
     cfg, compare, measure = parse_args(argv)
     heldout = lambda: DemoDataset(measure.analyze_images, seed=HELDOUT_SEED)
-    repa.run_command(lambda: demo_compare(cfg) if compare else analyze.analyze_checkpoint(
-        measure, heldout, demo_encoders) if measure else train_demo(cfg))
+    repa.run_command(lambda: demo_compare(cfg, compare) if compare is not None else
+                     analyze.analyze_checkpoint(measure, heldout, demo_encoders) if measure else
+                     train_demo(cfg))
 
 
 if __name__ == "__main__":

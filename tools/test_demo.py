@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -215,14 +216,30 @@ def test_help_lists_the_demos_flags_then_trainings_with_the_demos_defaults(capsy
 
 @pytest.mark.parametrize("flags,message", [
     (["--data-dir", "x"], "unrecognized arguments: --data-dir"),
-    (["--compare", "--proj-coeff", "0"], "needs a --proj-coeff above 0"),
-    (["--compare", "--max-steps", "20"], "an --align-every from 1 to --max-steps"),
+    (["--compare", "--proj-coeff", "0"], "--compare's two recipes are the same run"),
+    (["--compare", "--max-steps", "20"], "it needs one --align-every from 1 to --max-steps"),
+    (["--compare", "REPA=", "a=--max-steps 500"], "and one --max-steps"),
+    (["--compare", "REPA="], "--compare takes two recipes NAME=FLAGS"),
+    (["--compare", "REPA=", "--lr 1"], "--compare takes two recipes NAME=FLAGS"),
+    (["--compare", "REPA=", "x=--lr fast"], "argument --lr: invalid float value: 'fast'"),
+    (["--compare", "REPA=", "x=--spatial-norm 2"], "--spatial-norm must be in [0, 1], got 2.0"),
     (["--lr", "-1"], "--lr must be positive, got -1.0")])
 def test_bad_flags_are_one_clear_line(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         demo.main(flags)
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err, err
+
+
+def test_compare_recipes_are_flags_on_top_of_the_command():
+    cfg = demo.parse_args(["--lr", "0.001", "--exp-name", "cmp"])[0]
+    runs = demo.recipes(cfg, ["REPA=", "iREPA=--projector conv --spatial-norm 0.6 --lr 0.003"])
+    assert list(runs) == ["REPA", "iREPA"]
+    assert runs["REPA"] == replace(cfg, exp_name=os.path.join("cmp", "repa"))
+    assert runs["iREPA"] == replace(cfg, projector="conv", spatial_norm=0.6, lr=0.003,
+                                    exp_name=os.path.join("cmp", "irepa"))
+    assert runs["iREPA"].enc_type == demo.DEMO_ENCODER  # the demo's own fields stay
+    assert list(demo.recipes(cfg, demo.VERSUS).values())[0].proj_coeff == 0
 
 
 def test_progress_reads_the_last_whole_log_row(tmp_path):
@@ -303,6 +320,20 @@ def test_compare_trains_both_from_the_same_start_and_reports(tmp_path, capsys):
     demo.main(["--compare", "--results-dir", str(tmp_path), "--max-steps", "2",
                "--batch-size", "8", "--align-every", "1", "--align-images", "40"])
     assert os.path.getmtime(tmp_path / "demo" / "repa" / "checkpoints" / "0000002.pt") == before
+
+
+@pytest.mark.slow
+def test_compare_runs_any_two_recipes_from_the_same_start(tmp_path):
+    demo.main(["--compare", "REPA=", "HASTE=--align-until 1", "--results-dir", str(tmp_path),
+               "--max-steps", "2", "--batch-size", "8", "--log-every", "1", "--align-every", "1",
+               "--align-images", "40", "--sample-every", "0"])
+    rows = {name: [json.loads(l) for l in open(tmp_path / "demo" / name / "metrics.jsonl")
+                   if '"loss"' in l] for name in ("repa", "haste")}
+    assert rows["repa"][0]["loss"] == rows["haste"][0]["loss"]  # one start, one step alike
+    assert rows["repa"][1]["align"] < 0 and rows["haste"][1]["align"] == 0  # then HASTE stops
+    report = open(tmp_path / "demo" / "compare.md").read()
+    assert "REPA: the command's flags; HASTE: --align-until 1." in report
+    assert "| step | fd_demo REPA | fd_demo HASTE |" in report
 
 
 @pytest.mark.slow
