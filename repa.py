@@ -57,7 +57,6 @@ NUM_CLASSES = 1000      # ImageNet; the null (unconditional) label is index `num
 CLASS_DROPOUT = 0.1     # labels dropped to the null label in training, for guidance (CFG)
 PROJECTOR_DIM = 2048    # width of the projector h_phi's hidden layers (official)
 PATH_TYPES = ("linear", "cosine")
-PROJECTORS = ("mlp", "conv")  # REPA's h_phi, iREPA's
 
 
 class UserError(Exception):
@@ -95,9 +94,8 @@ def sample_t(batch, weighting="uniform", path_type="linear", device=None):
 # Nichol & Dhariwal 2021, as DiT's code: integer steps k = 0 .. 999 (0 the least noisy), DDPM's
 # linear betas, abar_k = prod_{j <= k} (1 - beta_j).
 #   forward    q(x_k | x_0) = N(sqrt(abar_k) x_0, (1 - abar_k) I)
-#   posterior  q(x_{k-1} | x_k, x_0) = N(c1 x_0 + c2 x_k, beta~ I), c1 = beta sqrt(abar_prev) /
-#              (1 - abar), c2 = (1 - abar_prev) sqrt(1 - beta) / (1 - abar), beta~ = beta (1 -
-#              abar_prev) / (1 - abar)
+#   posterior  q(x_{k-1} | x_k, x_0) = N(c1 x_0 + c2 x_k, beta~ I), beta~ = beta (1 - abar_prev) /
+#              (1 - abar), c1 = beta sqrt(abar_prev) / (1 - abar), c2 = beta~ sqrt(1 - beta) / beta
 #   model      the posterior at x_0 = (x_k - sqrt(1 - abar_k) eps_theta) / sqrt(abar_k), with
 #              log-variance f log beta + (1 - f) log beta~, f = (v_theta + 1) / 2 (v_theta: the
 #              network's second C channels). A shorter chain keeps some k, its betas from abar.
@@ -258,9 +256,8 @@ def mlp_projector(hidden_size, projector_dim, z_dim):
 
 
 class ConvProjector(nn.Module):
-    """iREPA's h_phi (arXiv 2512.10794): one k x k convolution over the grid of tokens, no
-    activation, so that a projected token sees its neighbours, the spatial structure a per-token
-    MLP cannot use. `projection_layer` is the official key: iREPA's checkpoints load."""
+    """iREPA's h_phi (arXiv 2512.10794): one k x k convolution over the token grid, no activation:
+    a projected token sees its neighbours. `projection_layer` is the official key."""
 
     def __init__(self, hidden_size, z_dim, kernel, grid):
         super().__init__()
@@ -271,8 +268,7 @@ class ConvProjector(nn.Module):
 
     def forward(self, x):  # (B, T, D) -> (B, D, sqrt T, sqrt T) -> conv -> (B, T, z_dim)
         side = math.isqrt(x.shape[1])
-        return self.projection_layer(x.transpose(1, 2).unflatten(2, (side, side))).flatten(
-            2).transpose(1, 2)
+        return self.projection_layer(x.mT.unflatten(2, (side, side))).flatten(2).mT
 
 
 class SiT(nn.Module):
@@ -302,8 +298,6 @@ class SiT(nn.Module):
                                       requires_grad=False)
         self.blocks = nn.ModuleList(SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm)
                                     for _ in range(depth))
-        if projector not in PROJECTORS:
-            raise UserError(f"unknown projector {projector!r}: choose {' or '.join(PROJECTORS)}")
         self.projectors = nn.ModuleList(  # the conv keeps PyTorch's init, as the official
             ConvProjector(hidden_size, z, projector_kernel, self.x_embedder.grid_size)
             if projector == "conv" else mlp_projector(hidden_size, projector_dim, z)
@@ -365,31 +359,6 @@ def build_model(name, **overrides):  # e.g. build_model('XL/2', input_size=32, z
     return SiT(**{**size_config(name), **overrides})
 
 
-def load_sit_weights(model, state_dict):
-    """Load ours or an official state dict strictly, or say in one line that it is another
-    model's. The released XL/2 `last.pt` calls `blocks.(N + encoder_depth)` `decoder_blocks.N`."""
-    renamed = {}
-    for k, v in state_dict.items():
-        k = k.removeprefix("module.").removeprefix("_orig_mod.")  # DDP / torch.compile wrappers
-        if k.startswith("decoder_blocks."):
-            _, n, rest = k.split(".", 2)
-            k = f"blocks.{int(n) + model.encoder_depth}.{rest}"
-        renamed[k] = v
-    ours = model.state_dict()
-    wrong = sorted(ours.keys() ^ renamed.keys()) + [
-        k for k in ours.keys() & renamed.keys() if ours[k].shape != renamed[k].shape]
-    if wrong:
-        raise UserError(f"checkpoint does not fit this model ({len(wrong)} keys missing, "
-                        f"unexpected or of another shape, e.g. {wrong[0]}): is it for another "
-                        f"size or encoder set?")
-    bad = next((k for k, v in renamed.items() if v.is_floating_point() and
-                not torch.isfinite(v).all()), None)
-    if bad:  # a bit flipped on disk, or weights saved from a run that had diverged
-        raise UserError(f"checkpoint has non-finite values in {bad}: it is corrupt")
-    model.load_state_dict(renamed, strict=True)
-    return model
-
-
 ####################### The REPA loss (eqs. 3, 8, 9), and DiT's hybrid loss ####################
 
 def alignment_loss(zs_pred, zs):
@@ -410,10 +379,9 @@ def alignment_loss(zs_pred, zs):
 
 
 def spatial_norm(z, alpha):
-    """iREPA's target: each channel of y_* (B, N, D) z-scored over the N patches of its image, the
-    mean scaled by alpha (0.6 for latents): (y - alpha mean_n y) / (std_n y + 1e-6), std unbiased
-    as the official `spatial_zscore`, in float32 (the official: the encoder's fp16). It takes away
-    what all patches share, leaving their spatial contrast as the target."""
+    """iREPA's target: y_* (B, N, D) -> (y - alpha mean_n y) / (std_n y + 1e-6), per image and
+    channel over the N patches (alpha 0.6; std unbiased as the official `spatial_zscore`; float32):
+    what all patches share goes, their spatial contrast is the target."""
     z = z.float()
     return (z - alpha * z.mean(dim=1, keepdim=True)) / (z.std(dim=1, keepdim=True) + 1e-6)
 
@@ -591,9 +559,8 @@ def load_encoders(spec="dinov2-vit-b", resolution=256, device="cpu", **timm_kwar
             path = os.path.join(folder, "model.safetensors") if folder else ""
             if not os.path.isfile(path):
                 raise UserError(f"cannot load encoder {name}: its weights ({timm_name}) are not "
-                                f"in the Hugging Face cache and cannot be downloaded here: load "
-                                f"it once where there is internet and copy ~/.cache/huggingface,"
-                                f" or pass a file: {name}=PATH")
+                                f"in the Hugging Face cache and cannot be downloaded here: copy "
+                                f"~/.cache/huggingface from a machine online, or pass {name}=PATH")
         if path and not os.path.isfile(path):
             raise UserError(f"cannot load encoder {name}: weight file {path} not found")
         try:  # timm resamples the stored positions to the grid (bicubic), as the official does
@@ -613,9 +580,8 @@ def load_encoders(spec="dinov2-vit-b", resolution=256, device="cpu", **timm_kwar
 @torch.no_grad()
 def encode(encoders, images):
     """uint8 images (B, 3, H, W) -> one (B, N, D_k) per encoder, as the official: x / 255,
-    normalise, bicubic resize (the official resizes CLIP's input first: the same, as bicubic
-    weights sum to 1), then the patch tokens after the final norm or, where the official skips
-    it (MAE, CLIP), the last block's; timm drops CLS and registers of intermediates itself."""
+    normalise, bicubic resize (CLIP's official resizes first: the same, bicubic weights sum to 1),
+    the patch tokens after the final norm or, without it (MAE, CLIP), the last block's."""
     out = []
     for enc in encoders:
         x = (images.float() / 255 - enc.mean) / enc.std
@@ -628,10 +594,10 @@ def encode(encoders, images):
 
 
 ####################### Measuring alignment: CKNNA and linear probes (fig. 2) ###################
-# Sec. 3 measures how far a SiT's hidden states are from a pretrained encoder's representation
-# by CKNNA (Huh et al. 2024, "The Platonic Representation Hypothesis": kernel alignment kept to
-# each sample's nearest neighbours) and by linear probes. The definitions and numbers are the PRH
-# code's (minyoungg/platonic-rep, metrics.py); as there, the caller L2-normalises the features.
+# Sec. 3 measures how far a SiT's hidden states are from an encoder's by CKNNA (Huh et al. 2024,
+# "The Platonic Representation Hypothesis": kernel alignment kept to nearest neighbours) and by
+# linear probes: the PRH code's definitions (minyoungg/platonic-rep, metrics.py) and numbers, the
+# features L2-normalised by the caller as there.
 
 def knn_mask(kernel, topk):
     """(N, N) 0/1 mask of each row's `topk` largest similarities, self excluded (not symmetric)."""
@@ -651,8 +617,7 @@ def hsic_unbiased(K, L):
 def cknna(a, b, topk=10):
     """CKNNA of features a (N, D_a) and b (N, D_b) of N samples: CKA of K = a a^T and L = b b^T
     on the pairs that are k-NN in BOTH spaces (M = M_a M_b), near 0 for unrelated features:
-        HSIC(M K, M L) / (sqrt(HSIC(M_a K, M_a K) HSIC(M_b L, M_b L)) + 1e-6)   (the PRH's 1e-6).
-    A few (N, N) matrices: 400 MB each for N = 10,000."""
+        HSIC(M K, M L) / (sqrt(HSIC(M_a K, M_a K) HSIC(M_b L, M_b L)) + 1e-6), 400 MB at N = 10K"""
     if not 2 <= topk < a.shape[0]:
         raise UserError(f"CKNNA needs 2 <= topk < N, got topk {topk} for N = {a.shape[0]}")
     K, L = a @ a.T, b @ b.T
@@ -663,8 +628,7 @@ def cknna(a, b, topk=10):
 
 
 def fit(params, loss, steps, lr, weight_decay=0.05, betas=(0.9, 0.999), warmup=0):
-    """Minimise loss(step) with AdamW, the learning rate warmed up linearly, then a half cosine to
-    0: the linear probe's loop, and the tools' small ones."""
+    """Minimise loss(step) by AdamW: lr warmed up linearly, then a half cosine to 0."""
     opt = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / max(warmup, 1))
                                                  * 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -679,10 +643,9 @@ def fit(params, loss, steps, lr, weight_decay=0.05, betas=(0.9, 0.999), warmup=0
 
 def linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=90, batch_size=16384,
                  lr=1e-3, seed=0):
-    """Top-1 test accuracy of the DAE / MAE linear probe on frozen features (N, D): an affine-free
-    BatchNorm (exact batch statistics), a Linear from N(0, 0.01^2), cross-entropy, a half-cosine
-    learning rate, whole batches of at most N. Adam, not MAE's LARS: with a few thousand features
-    90 epochs are 90 iterations, too few for LARS."""
+    """Top-1 test accuracy of the DAE / MAE linear probe on frozen features (N, D): affine-free
+    BatchNorm (exact batch statistics), a Linear from N(0, 0.01^2), cross-entropy, a half cosine,
+    batches of at most N; Adam, not LARS, which 90 iterations (90 epochs of 8K features) defeat."""
     g = torch.Generator().manual_seed(seed)
     n, dim = train_x.shape
     batch = min(batch_size, n)
@@ -906,7 +869,7 @@ class Config:
     align_images: int = 1024    # images in that fixed batch
     knn: int = 10               # k, the nearest neighbours of CKNNA (the paper's 10)
     CHOICES = dict(path_type=PATH_TYPES, weighting=("uniform", "lognormal"),  # not fields
-                   projector=PROJECTORS,
+                   projector=("mlp", "conv"),
                    precision=("auto", "bf16", "fp32"), resolution=(256, 512))
 
 
@@ -1119,6 +1082,31 @@ def train_step(run, micro_batches):
 METHOD_FIELDS = ("model", "enc_type", "encoder_depth", "projector_dim", "proj_coeff", "projector",
                  "projector_kernel", "spatial_norm", "align_until", "path_type", "weighting",
                  "cfg_prob", "qk_norm", "batch_size", "seed")
+
+
+def load_sit_weights(model, state_dict):
+    """Load ours or an official state dict strictly, or say in one line that it is another
+    model's. The released XL/2 `last.pt` calls `blocks.(N + encoder_depth)` `decoder_blocks.N`."""
+    renamed = {}
+    for k, v in state_dict.items():
+        k = k.removeprefix("module.").removeprefix("_orig_mod.")  # DDP / torch.compile wrappers
+        if k.startswith("decoder_blocks."):
+            _, n, rest = k.split(".", 2)
+            k = f"blocks.{int(n) + model.encoder_depth}.{rest}"
+        renamed[k] = v
+    ours = model.state_dict()
+    wrong = sorted(ours.keys() ^ renamed.keys()) + [
+        k for k in ours.keys() & renamed.keys() if ours[k].shape != renamed[k].shape]
+    if wrong:
+        raise UserError(f"checkpoint does not fit this model ({len(wrong)} keys missing, "
+                        f"unexpected or of another shape, e.g. {wrong[0]}): is it for another "
+                        f"size or encoder set?")
+    bad = next((k for k, v in renamed.items() if v.is_floating_point() and
+                not torch.isfinite(v).all()), None)
+    if bad:  # a bit flipped on disk, or weights saved from a run that had diverged
+        raise UserError(f"checkpoint has non-finite values in {bad}: it is corrupt")
+    model.load_state_dict(renamed, strict=True)
+    return model
 
 
 def write_checkpoint(path, state):  # never left half-written
