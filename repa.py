@@ -23,8 +23,8 @@ Commands
   python sample.py --ckpt results/repa                                # a grid of samples
 
 Map: PART I, the method (torch, numpy and timm only: paste it): the interpolant and t; DiT's DDPM;
-SiT and DiT; the losses; the frozen encoders; CKNNA and linear probes. PART II, training:
-processes; the shard reader; the config; one step; checkpoints; logs and grids; the loop.
+SiT and DiT; the losses of REPA and its family; the frozen encoders. PART II, training: processes;
+the shard reader; the config; one step; checkpoints; logs and grids; CKNNA and probes; the loop.
 """
 import argparse
 import contextlib
@@ -63,7 +63,7 @@ class UserError(Exception):
     """A problem with the user's input. The command line prints it as one line, no traceback."""
 
 
-######## PART I. THE METHOD: interpolant, SiT and DiT, the REPA loss, the encoders, CKNNA ########
+######## PART I. THE METHOD: interpolant, SiT and DiT, the REPA family's losses, the encoders ####
 
 ####################### The stochastic interpolant (eqs. 1-2) and the choice of t ###############
 
@@ -234,17 +234,23 @@ class SiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN, then a linear map from each token back to a p x p x C patch of the output."""
+    """adaLN, then a linear map from each token back to a p x p x C patch of the output; with
+    cls_dim (REG), token 0 is the class token and `linear_cls` gives its velocity."""
 
-    def __init__(self, hidden_size, patch_size, out_channels):
+    def __init__(self, hidden_size, patch_size, out_channels, cls_dim=0):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        if cls_dim:
+            self.linear_cls = nn.Linear(hidden_size, cls_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
-    def forward(self, x, c):
+    def forward(self, x, c):  # -> (patches, the class token's velocity or None)
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        x = modulate(self.norm_final(x), shift, scale)
+        if not hasattr(self, "linear_cls"):
+            return self.linear(x), None
+        return self.linear(x[:, 1:]), self.linear_cls(x[:, 0])
 
 
 def mlp_projector(hidden_size, projector_dim, z_dim):
@@ -276,33 +282,38 @@ class SiT(nn.Module):
     `encoder_depth` (1-based); defaults: SiT-XL/2 with one DINOv2-B target. With learn_sigma it is
     DiT (the paper's Table 3): eps and the variance value v (2C outputs) for `ddpm_loss`, integer
     timesteps unscaled; SiT(learn_sigma=True, z_dims=()) takes the official DiT's keywords.
-    projector="conv" is iREPA's h_phi, a projector_kernel x projector_kernel convolution.
-    forward(x, t, y) -> (out, zs[k] (B, tokens, z_dims[k])), and with return_hidden the state
-    after every block (fig. 2)."""
+    projector="conv" is iREPA's h_phi, a projector_kernel x projector_kernel convolution. reg: REG's
+    class token (arXiv 2507.01467): cls (B, z_dims[0]), the encoder's noised, enters as token 0.
+    forward(x, t, y[, cls]) -> (out, zs[k] (B, tokens, z_dims[k])[, cls's velocity]), and with
+    return_hidden the state after every block (fig. 2)."""
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
                  num_heads=16, mlp_ratio=4.0, class_dropout_prob=CLASS_DROPOUT,
                  num_classes=NUM_CLASSES, encoder_depth=8, z_dims=(768,),
                  projector_dim=PROJECTOR_DIM, qk_norm=False, learn_sigma=False,
-                 projector="mlp", projector_kernel=3):
+                 projector="mlp", projector_kernel=3, reg=False):
         super().__init__()
         if z_dims and not 1 <= encoder_depth <= depth:  # without projectors it reads nothing
             raise UserError(f"encoder_depth must be in [1, {depth}], got {encoder_depth}")
         self.in_channels, self.patch_size, self.learn_sigma = in_channels, patch_size, learn_sigma
-        self.num_classes, self.encoder_depth = num_classes, encoder_depth
+        self.num_classes, self.encoder_depth, self.reg = num_classes, encoder_depth, reg
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         # a frozen Parameter, not a buffer, so that official checkpoints (which hold it) load
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size),
-                                      requires_grad=False)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches + reg,
+                                                  hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList(SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm)
                                     for _ in range(depth))
         self.projectors = nn.ModuleList(  # the conv keeps PyTorch's init, as the official
             ConvProjector(hidden_size, z, projector_kernel, self.x_embedder.grid_size)
             if projector == "conv" else mlp_projector(hidden_size, projector_dim, z)
             for z in z_dims)
-        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels * (1 + learn_sigma))
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels * (1 + learn_sigma),
+                                      z_dims[0] if reg else 0)
+        if reg:  # the class token in: a linear map to the width, then an affine LayerNorm
+            self.cls_projectors2 = nn.Linear(z_dims[0], hidden_size)
+            self.wg_norm = nn.LayerNorm(hidden_size, eps=1e-6)
         self.initialize_weights()
 
     def initialize_weights(self):  # DiT's: zeroed adaLN and output layers make out = 0 at init
@@ -310,21 +321,25 @@ class SiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        grid = int(self.x_embedder.num_patches ** 0.5)
-        self.pos_embed.data.copy_(sincos_pos_embed(self.pos_embed.shape[-1], grid)[None])
+        grid, dim = self.x_embedder.grid_size[0], self.pos_embed.shape[-1]
+        self.pos_embed.data[0, self.reg:] = sincos_pos_embed(dim, grid)  # REG's row 0: zero
         w = self.x_embedder.proj.weight.data  # the patch conv is a Linear on flattened patches
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [
-                self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
+        zeroed = [b.adaLN_modulation[-1] for b in self.blocks] + [
+            self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        for layer in zeroed + ([self.final_layer.linear_cls] if self.reg else []):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x, t, y, return_hidden=False):
-        x = self.x_embedder(x) + self.pos_embed     # (B, T, D), T = (H / p) * (W / p)
+    def forward(self, x, t, y, cls=None, return_hidden=False):
+        x = self.x_embedder(x)  # (B, T, D), T = (H / p) * (W / p)
+        if cls is not None:     # REG: the class token leads
+            x = torch.cat([self.wg_norm(self.cls_projectors2(cls))[:, None], x], dim=1)
+        x = x + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D), the condition of every block
         zs, hidden = [], []  # zs stays empty without projectors (a plain DiT)
         for i, block in enumerate(self.blocks, start=1):
@@ -332,11 +347,11 @@ class SiT(nn.Module):
             hidden += [x] if return_hidden else []
             if i == self.encoder_depth:  # h_t of eq. (8): read it mid-network
                 zs = [proj(x) for proj in self.projectors]
-        x = self.final_layer(x, c)  # (B, h*w, p*p*C) tokens -> (B, C, h*p, w*p)
+        x, v_cls = self.final_layer(x, c)  # (B, h*w, p*p*C) tokens -> (B, C, h*p, w*p)
         p, h = self.patch_size, int(x.shape[1] ** 0.5)
         x = x.reshape(x.shape[0], h, h, p, p, -1)
         out = torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], -1, h * p, h * p), zs
-        return (*out, hidden) if return_hidden else out
+        return out + (v_cls,) * (cls is not None) + (hidden,) * return_hidden
 
 
 # SiT's sizes (its table 1), aligned at block 8 for L and XL, 4 for B (official issue #5) and S;
@@ -386,17 +401,29 @@ def spatial_norm(z, alpha):
     return (z - alpha * z.mean(dim=1, keepdim=True)) / (z.std(dim=1, keepdim=True) + 1e-6)
 
 
-def repa_loss(model, x, y, zs, path_type="linear", weighting="uniform", t=None, noise=None):
+def repa_loss(model, x, y, zs, path_type="linear", weighting="uniform", t=None, noise=None,
+              cls=None, reg_coeff=0.03):
     """(v-loss (B,), alignment loss) for clean latents x, labels y and encoder targets zs. t and
     noise, unless given, are drawn in the official order (t, noise, label dropout): from the same
-    RNG state on a CPU, the numbers are the official SILoss's."""
+    RNG state on a CPU, the numbers are the official SILoss's. REG: cls (B, D), the encoder's class
+    token, follows (1)-(3) at the same t with its own noise; reg_coeff weighs its v-loss."""
     t = sample_t(x.shape[0], weighting, path_type, x.device) if t is None else t
     noise = torch.randn_like(x) if noise is None else noise
-    alpha, sigma, d_alpha, d_sigma = interpolant(t.to(x.dtype).view(-1, 1, 1, 1), path_type)
-    x_t = alpha * x + sigma * noise                                  # eq. (1)
-    v_target = d_alpha * x + d_sigma * noise                         # eq. (2)
-    v_pred, zs_pred = model(x_t, t.to(x.dtype), y)
+
+    def path(data, eps):  # eqs. (1) and (2): (x_t, v) at the batch's t
+        alpha, sigma, d_alpha, d_sigma = interpolant(
+            t.to(x.dtype).view(-1, *[1] * (data.dim() - 1)), path_type)
+        return alpha * data + sigma * eps, d_alpha * data + d_sigma * eps
+
+    x_t, v_target = path(x, noise)
+    if cls is None:
+        v_pred, zs_pred = model(x_t, t.to(x.dtype), y)
+    else:
+        cls_t, cls_target = path(cls, torch.randn_like(cls))
+        v_pred, zs_pred, v_cls = model(x_t, t.to(x.dtype), y, cls=cls_t)
     denoising = (v_pred.float() - v_target.float()).square().mean(dim=(1, 2, 3))  # eq. (3)
+    if cls is not None:
+        denoising = denoising + reg_coeff * (v_cls.float() - cls_target.float()).square().mean(1)
     return denoising, alignment_loss(zs_pred, zs)
 
 
@@ -512,6 +539,7 @@ class Encoder:
     dim: int            # feature width D_k
     prefix: int         # leading tokens to drop (CLS, registers)
     final_norm: bool = True  # features after the final norm (forward_features) or before it
+    cls: str = "token"  # REG's class token: token 0 ("token"), the patches' mean ("mean"), or ""
 
 
 def parse_encoder(entry):
@@ -573,97 +601,36 @@ def load_encoders(spec="dinov2-vit-b", resolution=256, device="cpu", **timm_kwar
                             f"{type(e).__name__} {' '.join(str(e).split())[:200]}") from None
         mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in fam.norm)
         encoders.append(Encoder(name, model, pixels, model.patch_embed.num_patches, mean, std,
-                                model.embed_dim, model.num_prefix_tokens, fam.final_norm))
+                                model.embed_dim, model.num_prefix_tokens, fam.final_norm,
+                                "token" if getattr(model, "cls_token", None) is not None else ""))
     return encoders
 
 
 @torch.no_grad()
-def encode(encoders, images):
+def encode(encoders, images, cls=False):
     """uint8 images (B, 3, H, W) -> one (B, N, D_k) per encoder, as the official: x / 255,
     normalise, bicubic resize (CLIP's official resizes first: the same, bicubic weights sum to 1),
-    the patch tokens after the final norm or, without it (MAE, CLIP), the last block's."""
+    the patch tokens after the final norm or, without it (MAE, CLIP), the last block's. With cls
+    (REG) the class token leads, (B, 1 + N, D_k): REG's [x_norm_clstoken, x_norm_patchtokens]."""
     out = []
     for enc in encoders:
         x = (images.float() / 255 - enc.mean) / enc.std
         if x.shape[-1] != enc.size:
             x = F.interpolate(x, size=(enc.size, enc.size), mode="bicubic")
-        out.append(enc.model.forward_features(x)[:, enc.prefix:] if enc.final_norm else
-                   enc.model.forward_intermediates(x, indices=1, norm=False, output_fmt="NLC",
-                                                   intermediates_only=True)[-1])
+        if enc.final_norm:
+            tokens = enc.model.forward_features(x)
+            z, first = tokens[:, enc.prefix:], tokens[:, :1]
+        else:
+            z, first = enc.model.forward_intermediates(
+                x, indices=1, norm=False, output_fmt="NLC", intermediates_only=True,
+                return_prefix_tokens=True)[-1]
+        if cls:
+            z = torch.cat([z.mean(1, keepdim=True) if enc.cls == "mean" else first[:, :1], z], 1)
+        out.append(z)
     return out
 
 
-####################### Measuring alignment: CKNNA and linear probes (fig. 2) ###################
-# Sec. 3 measures how far a SiT's hidden states are from an encoder's by CKNNA (Huh et al. 2024,
-# "The Platonic Representation Hypothesis": kernel alignment kept to nearest neighbours) and by
-# linear probes: the PRH code's definitions (minyoungg/platonic-rep, metrics.py) and numbers, the
-# features L2-normalised by the caller as there.
-
-def knn_mask(kernel, topk):
-    """(N, N) 0/1 mask of each row's `topk` largest similarities, self excluded (not symmetric)."""
-    ranked = kernel.clone().fill_diagonal_(float("-inf"))
-    return torch.zeros_like(kernel).scatter_(1, ranked.topk(topk, dim=1).indices, 1)
-
-
-def hsic_unbiased(K, L):
-    """Unbiased HSIC (Song et al. 2012, eq. 5), K~, L~ with zeroed diagonals: [tr(K~ L~) + (1'K~1)
-    (1'L~1) / ((N-1)(N-2)) - 2/(N-2) 1'K~L~1] / (N(N-3)); tr(K~ L~) = sum(K~ * L~^T)."""
-    n = K.shape[0]
-    K, L = K.clone().fill_diagonal_(0), L.clone().fill_diagonal_(0)
-    return ((K * L.T).sum() + K.sum() * L.sum() / ((n - 1) * (n - 2))
-            - 2 * (K.sum(0) @ L.sum(1)) / (n - 2)) / (n * (n - 3))
-
-
-def cknna(a, b, topk=10):
-    """CKNNA of features a (N, D_a) and b (N, D_b) of N samples: CKA of K = a a^T and L = b b^T
-    on the pairs that are k-NN in BOTH spaces (M = M_a M_b), near 0 for unrelated features:
-        HSIC(M K, M L) / (sqrt(HSIC(M_a K, M_a K) HSIC(M_b L, M_b L)) + 1e-6), 400 MB at N = 10K"""
-    if not 2 <= topk < a.shape[0]:
-        raise UserError(f"CKNNA needs 2 <= topk < N, got topk {topk} for N = {a.shape[0]}")
-    K, L = a @ a.T, b @ b.T
-    mask_a, mask_b = knn_mask(K, topk), knn_mask(L, topk)
-    kl = hsic_unbiased(mask_a * mask_b * K, mask_a * mask_b * L)
-    kk, ll = hsic_unbiased(mask_a * K, mask_a * K), hsic_unbiased(mask_b * L, mask_b * L)
-    return (kl / (torch.sqrt(kk * ll) + 1e-6)).item()
-
-
-def fit(params, loss, steps, lr, weight_decay=0.05, betas=(0.9, 0.999), warmup=0):
-    """Minimise loss(step) by AdamW: lr warmed up linearly, then a half cosine to 0."""
-    opt = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / max(warmup, 1))
-                                                 * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    with torch.enable_grad():
-        for step in range(steps):
-            value = loss(step)
-            opt.zero_grad(set_to_none=True)
-            value.backward()
-            opt.step()
-            schedule.step()
-
-
-def linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=90, batch_size=16384,
-                 lr=1e-3, seed=0):
-    """Top-1 test accuracy of the DAE / MAE linear probe on frozen features (N, D): affine-free
-    BatchNorm (exact batch statistics), a Linear from N(0, 0.01^2), cross-entropy, a half cosine,
-    batches of at most N; Adam, not LARS, which 90 iterations (90 epochs of 8K features) defeat."""
-    g = torch.Generator().manual_seed(seed)
-    n, dim = train_x.shape
-    batch = min(batch_size, n)
-    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6, momentum=None),
-                         nn.Linear(dim, num_classes)).to(train_x.device)
-    with torch.no_grad():
-        head[1].weight.copy_(torch.randn(num_classes, dim, generator=g) * 0.01)
-        head[1].bias.zero_()
-    rows = torch.cat([torch.randperm(n, generator=g)[:n // batch * batch].view(-1, batch)
-                      for _ in range(epochs)]).to(train_x.device)  # rows[i]: iteration i's
-    fit(head.parameters(), lambda i: F.cross_entropy(head(train_x[rows[i]].float()),
-                                                     train_y[rows[i]]), len(rows), lr, 0)
-    head.eval()
-    with torch.no_grad():
-        return (head(test_x.float()).argmax(1) == test_y).float().mean().item()
-
-
-######## PART II. TRAINING: processes, the reader, the config, the step, checkpoints, the loop ###
+######## PART II. TRAINING: processes, reader, config, step, checkpoints, grids, measures, loop ##
 
 ####################### Processes and files #####################################################
 # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without it we are rank 0 of 1, with no process
@@ -833,6 +800,8 @@ class Config:
     projector_kernel: int = 3   # the conv projector's k (iREPA's paper; its latent config: 1)
     spatial_norm: float = 0.0   # iREPA: the target's patches z-scored, alpha (0.6) x mean; 0 = off
     align_until: int = 0        # HASTE: no alignment term, no encoder, from this step; 0 = never
+    reg: bool = False           # REG: the encoder's class token, noised, trained as token 0
+    reg_coeff: float = 0.03     # REG: the weight of the class token's v-loss
     path_type: str = "linear"   # the interpolant of eq. (1) (SiT)
     weighting: str = "uniform"  # how t is drawn (SiT)
     cfg_prob: float = CLASS_DROPOUT  # label dropout, for classifier-free guidance
@@ -879,7 +848,7 @@ LIMITS = {**{k: (lambda v: v >= 1, "at least 1") for k in (
     "projector_dim")},
     **{k: (lambda v: v >= 0, "at least 0") for k in (
         "bench", "encoder_depth", "num_workers", "seed", "sample_every", "weight_decay",
-        "proj_coeff", "align_every", "align_until")},
+        "proj_coeff", "align_every", "align_until", "reg_coeff")},
     **{k: (lambda v: v > 0, "positive") for k in ("lr", "adam_eps", "max_grad_norm")},
     **{k: (lambda v: 0 <= v < 1, "in [0, 1)") for k in ("adam_beta1", "adam_beta2", "cfg_prob")},
     **{k: (lambda v: 0 <= v <= 1, "in [0, 1]") for k in ("ema_decay", "spatial_norm")},
@@ -932,12 +901,21 @@ def check_config(cfg, world=1, named_encoders=True):
     if cfg.align_until and not cfg.proj_coeff:
         raise UserError(f"--align-until {cfg.align_until} stops the alignment term, but "
                         f"--proj-coeff is 0: there is none to stop")
+    clash = [flag for flag, on in [(cfg.model, size.get("learn_sigma")),
+                                   ("--align-until", cfg.align_until),
+                                   ("--spatial-norm", cfg.spatial_norm),
+                                   ("--projector conv", cfg.projector == "conv")] if on]
+    if cfg.reg and clash:  # REG's token 0 breaks the square grid and needs the encoder each step
+        raise UserError(f"--reg does not combine with {clash[0]}: REG trains a SiT with REPA's "
+                        f"MLP projectors and the encoder's class token in every step")
     if cfg.encoder_depth > size["depth"]:
         raise UserError(f"--encoder-depth must be at most {size['depth']} for {cfg.model}, "
                         f"got {cfg.encoder_depth}")
     if named_encoders:  # every family gives a 16 x 16 grid at 256 px (ENCODER_FAMILIES' pixels)
         for entry in cfg.enc_type.split(","):
-            parse_encoder(entry)
+            name, family, *_ = parse_encoder(entry)
+            if cfg.reg and family == "jepa":  # I-JEPA has no CLS token
+                raise UserError(f"--reg needs an encoder with a class token, and {name} has none")
         if size["patch_size"] != 2:  # SiT's tokens are (R / 8 / p)^2
             raise UserError(f"REPA pairs each SiT token with an encoder patch, but {cfg.model} "
                             f"has {(cfg.resolution // 8 // size['patch_size']) ** 2} tokens and "
@@ -1006,13 +984,16 @@ def start_run(cfg, data=None, encoders=None):
         ShardDataset(cfg.data_dir)
     encoders = encoders(device) if encoders else load_encoders(
         cfg.enc_type, dataset.resolution, device, **({"pretrained": False} if cfg.bench else {}))
+    if cfg.reg and not all(e.cls for e in encoders):  # a tool's encoder may have none
+        raise UserError(f"--reg needs encoders with a class token, and "
+                        f"{next(e.name for e in encoders if not e.cls)} has none")
     pixels = dataset.latent_scale == 1  # scale 1: the 'moments' are pixels in [-1, 1], no VAE
     model_kwargs = dict(size_config(cfg.model), in_channels=3 if pixels else 4,
                         input_size=dataset.resolution // (1 if pixels else VAE_DOWNSAMPLE),
                         num_classes=dataset.num_classes, projector_dim=cfg.projector_dim,
                         class_dropout_prob=cfg.cfg_prob, qk_norm=cfg.qk_norm,
                         z_dims=[e.dim for e in encoders], projector=cfg.projector,
-                        projector_kernel=cfg.projector_kernel)
+                        projector_kernel=cfg.projector_kernel, reg=cfg.reg)
     model_kwargs |= {"encoder_depth": cfg.encoder_depth} if cfg.encoder_depth else {}
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run
     model = SiT(**model_kwargs).to(device)
@@ -1050,7 +1031,7 @@ def train_step(run, micro_batches):
         torch.manual_seed(step_seed(cfg.seed, run.step, run.rank * accum + m))
         images, moments, labels = (t.to(run.device, non_blocking=True) for t in batch)
         with autocast:  # y_* of eq. (8), frozen, no grad
-            zs = encode(run.encoders, images) if aligning else None
+            zs = encode(run.encoders, images, cls=cfg.reg) if aligning else None
         if zs and cfg.spatial_norm:  # iREPA's target
             zs = [spatial_norm(z, cfg.spatial_norm) for z in zs]
         mean, std = moments.chunk(2, dim=1)  # sample the VAE posterior, then scale
@@ -1060,7 +1041,9 @@ def train_step(run, micro_batches):
             if run.model.learn_sigma:  # DiT: the improved DDPM's hybrid loss
                 denoising, align = ddpm_loss(run.net, x, labels, zs)
             else:
-                denoising, align = repa_loss(run.net, x, labels, zs, cfg.path_type, cfg.weighting)
+                denoising, align = repa_loss(run.net, x, labels, zs, cfg.path_type, cfg.weighting,
+                                             cls=zs[0][:, 0] if cfg.reg else None,
+                                             reg_coeff=cfg.reg_coeff)
             loss = total_loss(denoising, align, cfg.proj_coeff)
         (loss / accum).backward()
         stats[:2] += torch.stack([denoising.mean(), align]).detach() / accum
@@ -1080,7 +1063,8 @@ def train_step(run, micro_batches):
 # Config, so torch.load(weights_only=True) needs no allow-list), plus "model_kwargs" (the exact
 # SiT(...) call), "data" (where the data order continues) and the data set's "class_names".
 METHOD_FIELDS = ("model", "enc_type", "encoder_depth", "projector_dim", "proj_coeff", "projector",
-                 "projector_kernel", "spatial_norm", "align_until", "path_type", "weighting",
+                 "projector_kernel", "spatial_norm", "align_until", "reg", "reg_coeff",
+                 "path_type", "weighting",
                  "cfg_prob", "qk_norm", "batch_size", "seed")
 
 
@@ -1309,18 +1293,43 @@ def guidance_scale(cfg_scale, t, guidance_low, guidance_high):
     return cfg_scale if guidance_low <= t <= guidance_high else 1.0
 
 
+class JointClassToken(nn.Module):
+    """REG's sampling state: each image's latents (C, H, W) and class token (D) in one row, so
+    that every solver integrates both; the class token starts as N(0, I) as the latents do, and
+    no encoder runs. `guided` mixes its columns by cls_cfg_scale (0: unguided, as the official)."""
+
+    def __init__(self, model, shape, cls_cfg_scale):
+        super().__init__()
+        self.model, self.shape, self.cls_cfg_scale = model, tuple(shape), cls_cfg_scale
+        self.columns, self.num_classes, self.reg = math.prod(shape), model.num_classes, False
+
+    def join(self, z, cls):
+        return torch.cat([z.flatten(1), cls], 1)
+
+    def split(self, x):  # -> (latents, class token)
+        return x[:, :self.columns].view(-1, *self.shape), x[:, self.columns:]
+
+    def forward(self, x, t, y):
+        latents, cls = self.split(x)
+        v, _, v_cls = self.model(latents, t, y, cls=cls)
+        return (self.join(v, v_cls),)
+
+
 def guided(model, x, t, y, cfg_scale, dtype, mixed_channels=None):
     """model(x, t, y)[0] as `dtype`, with cfg_scale > 1 classifier-free guided: uncond +
     cfg_scale (cond - uncond) on the first `mixed_channels` (all; DiT's eps), the rest (DiT's
-    variance value) the conditional half's. The only place guidance happens: one batched call,
-    the conditional half first, then the null label (the official hard-codes 1000, the same)."""
+    variance value) the conditional half's; REG's class token by its own scale. The only place
+    guidance happens: one batched call, the conditional half first, then the null label."""
     if cfg_scale <= 1:
         return model(x, t, y)[0].to(dtype)
-    null = torch.full_like(y, model.num_classes)
+    null = torch.full_like(y, model.num_classes)  # the official hard-codes 1000, the same
     cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))[0].to(
         dtype).chunk(2)
-    k = mixed_channels or cond.shape[1]
-    return torch.cat([uncond[:, :k] + cfg_scale * (cond[:, :k] - uncond[:, :k]), cond[:, k:]], 1)
+    k, rest = ((model.columns, model.cls_cfg_scale) if isinstance(model, JointClassToken) else
+               (mixed_channels or cond.shape[1], 0))
+    mix = lambda c, u, scale: u + scale * (c - u)
+    return torch.cat([mix(cond[:, :k], uncond[:, :k], cfg_scale),
+                      mix(cond[:, k:], uncond[:, k:], rest) if rest else cond[:, k:]], 1)
 
 
 @torch.no_grad()
@@ -1400,36 +1409,112 @@ def grid_writer(run, per_class=4, num_steps=50):
     vae = None if model.in_channels == 3 else load_vae(
         json.load(open(os.path.join(run.cfg.data_dir, "manifest.json")))["vae"], run.device)
 
+    joint = JointClassToken(run.ema, noise.shape[1:], cfg_scale) if model.reg else None
+    if joint:  # REG: the class token's noise, after the latents'
+        noise = joint.join(noise, torch.randn(len(labels), model.cls_projectors2.in_features,
+                                              generator=g).to(run.device))
+
     @torch.no_grad()
     def write():
         if model.learn_sigma:
             g = torch.Generator(run.device).manual_seed(run.cfg.seed)
             x = sample_ddpm(run.ema, noise, labels, num_steps, cfg_scale, generator=g)
         else:
-            x = sample_euler(run.ema, noise, labels, num_steps, cfg_scale)
+            x = sample_euler(joint or run.ema, noise, labels, num_steps, cfg_scale)
+            x = joint.split(x)[0] if joint else x
         path = os.path.join(run.dir, "samples", f"{run.step:07d}.png")
         save_grid(decode(x, vae), [names[c] for c in classes] if names else classes, path)
         return path
     return write
 
 
-####################### Measuring a run's alignment #############################################
+####################### Measuring alignment: CKNNA and linear probes (fig. 2) ###################
+# Sec. 3 measures how far a SiT's hidden states are from an encoder's by CKNNA (Huh et al. 2024,
+# "The Platonic Representation Hypothesis": kernel alignment kept to nearest neighbours) and by
+# linear probes: the PRH code's definitions (minyoungg/platonic-rep, metrics.py) and numbers, the
+# features L2-normalised by the caller as there.
+
+def knn_mask(kernel, topk):
+    """(N, N) 0/1 mask of each row's `topk` largest similarities, self excluded (not symmetric)."""
+    ranked = kernel.clone().fill_diagonal_(float("-inf"))
+    return torch.zeros_like(kernel).scatter_(1, ranked.topk(topk, dim=1).indices, 1)
+
+
+def hsic_unbiased(K, L):
+    """Unbiased HSIC (Song et al. 2012, eq. 5), K~, L~ with zeroed diagonals: [tr(K~ L~) + (1'K~1)
+    (1'L~1) / ((N-1)(N-2)) - 2/(N-2) 1'K~L~1] / (N(N-3)); tr(K~ L~) = sum(K~ * L~^T)."""
+    n = K.shape[0]
+    K, L = K.clone().fill_diagonal_(0), L.clone().fill_diagonal_(0)
+    return ((K * L.T).sum() + K.sum() * L.sum() / ((n - 1) * (n - 2))
+            - 2 * (K.sum(0) @ L.sum(1)) / (n - 2)) / (n * (n - 3))
+
+
+def cknna(a, b, topk=10):
+    """CKNNA of features a (N, D_a) and b (N, D_b) of N samples: CKA of K = a a^T and L = b b^T
+    on the pairs that are k-NN in BOTH spaces (M = M_a M_b), near 0 for unrelated features:
+        HSIC(M K, M L) / (sqrt(HSIC(M_a K, M_a K) HSIC(M_b L, M_b L)) + 1e-6), 400 MB at N = 10K"""
+    if not 2 <= topk < a.shape[0]:
+        raise UserError(f"CKNNA needs 2 <= topk < N, got topk {topk} for N = {a.shape[0]}")
+    K, L = a @ a.T, b @ b.T
+    mask_a, mask_b = knn_mask(K, topk), knn_mask(L, topk)
+    kl = hsic_unbiased(mask_a * mask_b * K, mask_a * mask_b * L)
+    kk, ll = hsic_unbiased(mask_a * K, mask_a * K), hsic_unbiased(mask_b * L, mask_b * L)
+    return (kl / (torch.sqrt(kk * ll) + 1e-6)).item()
+
+
+def fit(params, loss, steps, lr, weight_decay=0.05, betas=(0.9, 0.999), warmup=0):
+    """Minimise loss(step) by AdamW: lr warmed up linearly, then a half cosine to 0."""
+    opt = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / max(warmup, 1))
+                                                 * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    with torch.enable_grad():
+        for step in range(steps):
+            value = loss(step)
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            opt.step()
+            schedule.step()
+
+
+def linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=90, batch_size=16384,
+                 lr=1e-3, seed=0):
+    """Top-1 test accuracy of the DAE / MAE linear probe on frozen features (N, D): affine-free
+    BatchNorm (exact batch statistics), a Linear from N(0, 0.01^2), cross-entropy, a half cosine,
+    batches of at most N; Adam, not LARS, which 90 iterations (90 epochs of 8K features) defeat."""
+    g = torch.Generator().manual_seed(seed)
+    n, dim = train_x.shape
+    batch = min(batch_size, n)
+    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6, momentum=None),
+                         nn.Linear(dim, num_classes)).to(train_x.device)
+    with torch.no_grad():
+        head[1].weight.copy_(torch.randn(num_classes, dim, generator=g) * 0.01)
+        head[1].bias.zero_()
+    rows = torch.cat([torch.randperm(n, generator=g)[:n // batch * batch].view(-1, batch)
+                      for _ in range(epochs)]).to(train_x.device)  # rows[i]: iteration i's
+    fit(head.parameters(), lambda i: F.cross_entropy(head(train_x[rows[i]].float()),
+                                                     train_y[rows[i]]), len(rows), lr, 0)
+    head.eval()
+    with torch.no_grad():
+        return (head(test_x.float()).argmax(1) == test_y).float().mean().item()
+
 
 @torch.no_grad()
-def block_features(model, x, t, noise, path_type="linear"):
-    """Every block's output averaged over tokens (the paper's appendix): (B, depth, D) float32 for
-    latents x noised to t (B,) in [0, 1] (DiT: step min(int(1000 t), 999)). No class label
-    (official issue #32): the null label, or 0 for all where the model has none."""
+def block_features(model, x, t, noise, path_type="linear", cls=()):
+    """Every block's output averaged over patch tokens (the paper's appendix): (B, depth, D)
+    float32 for latents x noised to t (B,) in [0, 1] (DiT: step min(int(1000 t), 999)). No class
+    label (official issue #32): the null label, or 0 for all where the model has none. REG: cls =
+    (the encoder's class token, its noise), noised to t as x is."""
     if model.learn_sigma:
         t = (t * DDPM_STEPS).long().clamp(max=DDPM_STEPS - 1)
         x_t = ddpm_noised(ddpm_schedule(DDPM_STEPS, x.device), x, t, noise)
     else:
         alpha, sigma, _, _ = interpolant(t.to(x.dtype).view(-1, 1, 1, 1), path_type)
         x_t, t = alpha * x + sigma * noise, t.to(x.dtype)
+        cls = [alpha.flatten(1) * cls[0] + sigma.flatten(1) * cls[1]] if cls else []
     has_null = model.y_embedder.dropout_prob > 0  # the null label's row exists
     y = torch.full((len(x),), model.num_classes if has_null else 0, device=x.device)
-    hidden = model(x_t, t, y, return_hidden=True)[-1]
-    return torch.stack([h.float().mean(1) for h in hidden], dim=1)
+    hidden = model(x_t, t, y, *cls, return_hidden=True)[-1]
+    return torch.stack([h[:, model.reg:].float().mean(1) for h in hidden], dim=1)
 
 
 def clean_latents(moments, dataset):
@@ -1452,16 +1537,18 @@ def alignment_log(run, data=None):
                                                                          run.world)
     autocast = torch.autocast(run.device.type, torch.bfloat16, enabled=run.precision == "bf16")
     with autocast:  # the encoders' side once
-        feats = [encode(run.encoders, im.to(run.device)) for im in images.split(chunk)]
-    targets = [F.normalize(torch.cat(f).float().mean(1), dim=-1) for f in zip(*feats)]
+        feats = [encode(run.encoders, im.to(run.device), cfg.reg) for im in images.split(chunk)]
+    feats = [torch.cat(f).float() for f in zip(*feats)]  # REG: the class token leads
+    targets = [F.normalize(f[:, cfg.reg:].mean(1), dim=-1) for f in feats]
+    cls = [feats[0][:, 0], torch.randn(feats[0][:, 0].shape, generator=g).to(x)] if cfg.reg else []
+    batches = list(zip(x.split(chunk), noise.split(chunk), *[c.split(chunk) for c in cls]))
 
     @torch.no_grad()
     def measure():
-        with autocast:
-            feats = torch.cat([block_features(run.ema, x_, torch.full((len(x_),), 0.5,
-                                                                       device=x.device), eps,
-                                              cfg.path_type)
-                               for x_, eps in zip(x.split(chunk), noise.split(chunk))])
+        with autocast:  # each batch: latents, noise[, class token, its noise]
+            feats = torch.cat([block_features(run.ema, b[0], torch.full((len(b[0]),), 0.5,
+                                                                         device=x.device), b[1],
+                                              cfg.path_type, b[2:]) for b in batches])
         half, y = len(feats) // 2, labels.to(feats.device)
         probe = linear_probe(feats[:half, aligned - 1], y[:half], feats[half:, aligned - 1],
                              y[half:], run.model.num_classes, epochs=100, lr=1e-2)

@@ -124,7 +124,9 @@ def sample_sde(model, z, y, num_steps=50, heun=False, cfg_scale=1.0, guidance_lo
 @dataclass(frozen=True)
 class Solver:
     """A sampling recipe, by default the paper's FID 1.42 one: sde and ode for a SiT (velocity),
-    ddpm for a DiT (eps and variance). `generator` feeds the SDE's and the DDPM's noise."""
+    ddpm for a DiT (eps and variance). `generator` feeds the SDE's and the DDPM's noise. A REG
+    model's class token starts as N(0, I) after z and is integrated with it, guided by
+    cls_cfg_scale (REG's recipe: SDE, 250 steps, both scales 2.3, guidance_high 0.85)."""
     mode: str = "sde"
     num_steps: int = 250
     heun: bool = False
@@ -132,8 +134,14 @@ class Solver:
     guidance_low: float = 0.0
     guidance_high: float = 0.7
     path_type: str = "linear"
+    cls_cfg_scale: float = None
 
     def __call__(self, model, z, y, generator=None):
+        if model.reg:
+            joint = repa.JointClassToken(model, z.shape[1:], self.cls_cfg_scale)
+            cls = torch.randn((len(z), model.cls_projectors2.in_features), generator=generator,
+                              device=z.device)
+            return joint.split(self(joint, joint.join(z, cls), y, generator))[0]
         guidance = (self.cfg_scale, self.guidance_low, self.guidance_high)
         if self.mode == "ddpm":
             return sample_ddpm(model, z, y, self.num_steps, *guidance, generator)
@@ -182,14 +190,14 @@ def official_kwargs(cfg, state_dict):
             layers.setdefault(int(parts[1]), {})[int(parts[2])] = value
     z_dims = [w[max(w)].shape[0] for _, w in sorted(layers.items())]
     projector_dim = layers[0][min(layers[0])].shape[0] if layers else repa.PROJECTOR_DIM
-    rows = next((v.shape[0] for k, v in state_dict.items()
-                 if k.endswith("embedding_table.weight")), None)  # classes (+ 1: null label)
+    find = lambda suffix: next((v for k, v in state_dict.items() if k.endswith(suffix)), None)
+    rows = getattr(find("embedding_table.weight"), "shape", [None])[0]  # classes (+1: null label)
     num_classes = cfg.get("num_classes") or (rows - 1 if rows else repa.NUM_CLASSES)
     size = repa.size_config(cfg["model"])
     return dict(size, input_size=cfg["resolution"] // repa.VAE_DOWNSAMPLE,
                 encoder_depth=cfg.get("encoder_depth") or size["encoder_depth"],
                 num_classes=num_classes, qk_norm=bool(cfg.get("qk_norm")), z_dims=z_dims,
-                projector_dim=projector_dim,
+                projector_dim=projector_dim, reg=find("cls_projectors2.weight") is not None,
                 class_dropout_prob=repa.CLASS_DROPOUT if rows != num_classes else 0.0)
 
 
@@ -336,6 +344,7 @@ class SampleConfig:
     num_steps: int = 0          # 0: 250 for FID (the paper's), 50 for a grid (a quick look)
     heun: bool = False          # Heun's corrector on the ODE (2N - 1 model calls)
     cfg_scale: float = Solver.cfg_scale  # classifier-free guidance scale; 1 turns guidance off
+    cls_cfg_scale: float = -1.0  # REG: the class token's guidance scale (-1: --cfg-scale's; 0: off)
     guidance_low: float = 0.0   # guide only while guidance_low <= t <= guidance_high (t = 0 data)
     guidance_high: float = -1.0  # -1: 0.7 for SiT (the paper's), 1 for DiT (t = timestep / 1000)
     vae: str = "ema"            # ema | mse (stabilityai/sd-vae-ft-*), a HF name or a local folder
@@ -397,7 +406,9 @@ def output_stem(args, solver, info, world):
     return os.path.join(sample_dir, (
         f"{stem}{steps}-{'ema' if args.ema else 'raw'}{vae}-{solver.mode}{solver.num_steps}"
         f"{'-heun' if solver.heun else ''}-cfg{solver.cfg_scale}-{solver.guidance_low}-"
-        f"{solver.guidance_high}-{solver.path_type}-seed{args.global_seed}-{world}x"
+        f"{solver.guidance_high}-{solver.path_type}"
+        f"{'' if solver.cls_cfg_scale is None else f'-cls{solver.cls_cfg_scale}'}"
+        f"-seed{args.global_seed}-{world}x"
         f"{args.per_proc_batch_size}"))
 
 
@@ -411,8 +422,12 @@ def make_solver(args, model, path_type):
     high = args.guidance_high if args.guidance_high >= 0 else 1.0 if dit else Solver.guidance_high
     if args.guidance_low > high:
         raise repa.UserError(GUIDANCE_RULE)
+    if args.cls_cfg_scale >= 0 and not model.reg:
+        raise repa.UserError(f"--cls-cfg-scale guides REG's class token, and this model has "
+                             f"none (it was trained without --reg): drop the flag")
     steps = args.num_steps or (Solver.num_steps if args.num_fid_samples else 50)
-    return Solver(mode, steps, args.heun, args.cfg_scale, args.guidance_low, high, path_type)
+    cls = (args.cfg_scale if args.cls_cfg_scale < 0 else args.cls_cfg_scale) if model.reg else None
+    return Solver(mode, steps, args.heun, args.cfg_scale, args.guidance_low, high, path_type, cls)
 
 
 @torch.no_grad()  # a context, not set_grad_enabled: tests call main() in their own process

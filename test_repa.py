@@ -5,6 +5,7 @@ Golden numbers were captured by running the official code (sihyun-yu/REPA @ 67f7
 same deterministic weights and inputs; only the numbers are kept here.
 """
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -130,6 +131,11 @@ def test_without_label_dropout_there_is_no_null_row_as_in_the_official_code(tmp_
     with pytest.raises(SystemExit):
         sample.main(["--ckpt", str(tmp_path / "nodrop.pt"), "--cfg-scale", "2"])
     assert "no null label" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", str(tmp_path / "nodrop.pt"), "--cfg-scale", "1",
+                     "--cls-cfg-scale", "2"])
+    assert "--cls-cfg-scale guides REG's class token, and this model has none" in \
+        capsys.readouterr().err
 
 
 def test_size_table_accepts_official_names():
@@ -312,6 +318,118 @@ def test_spatial_norm_equals_official_irepa(alpha):
 def test_a_conv_projector_needs_a_square_grid():
     with pytest.raises(repa.UserError, match="square grid of tokens, got 4 x 2 = 8 tokens"):
         tiny_model(input_size=(8, 4), projector="conv")
+
+
+# ---------------------------------------------------------------------------------------------
+# The REPA family. REG's class token, equal to the official REG code (Martinser/REG, models/sit.py,
+# loss.py and samplers.py at its commit 021ea2e): its SiT (TINY's sizes, cls_token_dim 32) filled
+# by fill_, the inputs of test_forward_equals_official and a class token; its SILoss with
+# cls_token = the target's token 0; its euler_maruyama_sampler, 5 steps, guidance_high 0.85,
+# from torch.manual_seed(5), which draws randn_like of the latents, then of the class token.
+# ---------------------------------------------------------------------------------------------
+GOLDEN_REG = {
+    "pos_embed": [525.9784436438931, 511.9999982561337, 34.06142318610279, 0.0, 0.0, 0.0, 0.0, 0.0,
+                  0.0],
+    "forward": {"v": [83.98162177577615, 377.10319144393065, 9.9703653859317, 0.21650679409503937,
+                      -0.17404913902282715, -1.4718748331069946, -0.18011987209320068,
+                      0.20167453587055206, -0.6163501739501953],
+                "zs": [-62.023882718523964, 27.292603396503168, 0.8050224655246448,
+                       -0.18864783644676208, -0.12412576377391815, 0.04001070559024811,
+                       -0.056272704154253006, -0.2202889323234558, -0.07800991833209991],
+                "cls": [9.064029332250357, 55.33622336112243, 1.1956662915647027,
+                        -0.5836790800094604, 0.8693445324897766, -0.5432112812995911,
+                        -1.584647297859192, 0.411359965801239, 0.013516545295715332]},
+    "loss": {"linear-uniform": {"denoising": [2.719963550567627, 2.4598755836486816,
+                                              2.127079725265503],
+                                "proj": 0.008987142704427242,
+                                "cls": [2.448397397994995, 2.5798537731170654, 2.3512911796569824]},
+             "linear-lognormal": {"denoising": [2.3067424297332764, 2.3408663272857666,
+                                                2.567594528198242],
+                                  "proj": 0.00807829201221466,
+                                  "cls": [3.7929067611694336, 2.571486711502075,
+                                          3.033846139907837]}},
+    "sde": {"cfg2.3-cls2.3": [-17.299058156863943, 512.6397424301665, -1.149346287595757,
+                              -0.014010831073030099, 1.0087226414093144, -0.5491062480759381,
+                              -1.0362480167317003, 0.06551956869344258, -0.0393988905365147],
+            "cfg2.3-cls0": [-17.07918057980358, 512.203202800165, -1.0805476242206407,
+                            -0.01899766993658591, 1.0022120733566944, -0.5508086156268872,
+                            -1.0381122249486296, 0.06273122581311551, -0.03953705434838154],
+            "cfg1": [-23.995796746993186, 495.8612309828131, -0.004268825430048473,
+                     0.04769047110930781, 0.9740524950903224, -0.4569043069480805,
+                     -0.9056296426773129, 0.06339420113229, 0.12070930290424789]}}
+
+
+def reg_inputs():
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(3, 4, 8, 8, generator=g), torch.rand(3, generator=g)
+    return x, t, torch.tensor([1, 7, 1000]), torch.randn(3, 32, generator=torch.Generator(
+        ).manual_seed(3))
+
+
+def test_reg_forward_equals_official_reg():
+    model = fill_(tiny_model(reg=True)).eval()
+    assert sorted(set(model.state_dict()) - set(tiny_model().state_dict())) == [
+        "cls_projectors2.bias", "cls_projectors2.weight", "final_layer.linear_cls.bias",
+        "final_layer.linear_cls.weight", "wg_norm.bias", "wg_norm.weight"]
+    assert model.pos_embed.shape == (1, 17, 64) and not model.pos_embed[0, 0].any()
+    assert_golden(model.pos_embed, as_checks(GOLDEN_REG["pos_embed"]))
+    x, t, y, cls = reg_inputs()
+    with torch.no_grad():
+        v, zs, v_cls = model(x, t, y, cls=cls)
+    assert zs[0].shape == (3, 17, 32)  # the projector reads the class token too
+    for name, value in [("v", v), ("zs", zs[0]), ("cls", v_cls)]:
+        assert_golden(value, as_checks(GOLDEN_REG["forward"][name]))
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "lognormal"])
+def test_reg_loss_equals_official_reg(weighting):
+    # (the official's class-token target broadcasts over the batch on the cosine path; the
+    # linear path, REG's, is checked)
+    model = fill_(tiny_model(reg=True)).eval()
+    x, _, y, _ = reg_inputs()
+    target = torch.randn(3, 17, 32, generator=torch.Generator().manual_seed(2))
+    expected = GOLDEN_REG["loss"][f"linear-{weighting}"]
+    for coeff in (0.03, 1.0):
+        torch.manual_seed(3)
+        den, align = repa.repa_loss(model, x, y, [target], "linear", weighting,
+                                    cls=target[:, 0], reg_coeff=coeff)
+        torch.testing.assert_close(den, torch.tensor(expected["denoising"]) + coeff *
+                                   torch.tensor(expected["cls"]), rtol=1e-5, atol=1e-6)
+        assert abs(align.item() - expected["proj"]) < 1e-6
+
+
+@pytest.mark.parametrize("case", list(GOLDEN_REG["sde"]))
+def test_reg_sde_sampler_equals_official_reg(case, monkeypatch):
+    cfg, cls_cfg = {"cfg2.3-cls2.3": (2.3, 2.3), "cfg2.3-cls0": (2.3, 0.0),
+                    "cfg1": (1.0, 2.3)}[case]
+    model = fill_(tiny_model(reg=True)).eval()
+    g = torch.Generator().manual_seed(4)
+    z, cls = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 32, generator=g)
+    real = torch.randn
+    torch.manual_seed(5)  # the official's noise, replayed in our joint layout
+    noise = iter([torch.cat([real(2, 4, 8, 8, dtype=torch.float64).flatten(1),
+                             real(2, 32, dtype=torch.float64)], 1) for _ in range(4)])
+    monkeypatch.setattr(torch, "randn", lambda *a, **kw: next(noise))
+    joint = repa.JointClassToken(model, (4, 8, 8), cls_cfg)
+    x = sample.sample_sde(joint, joint.join(z, cls), torch.tensor([3, 5]), 5, cfg_scale=cfg,
+                          guidance_high=0.85)
+    assert_golden(joint.split(x)[0], as_checks(GOLDEN_REG["sde"][case]), tol=1e-9)
+
+
+@pytest.mark.parametrize("cls_cfg", [3.0, 0.0])
+def test_reg_ode_steps_the_latents_and_the_class_token_each_by_its_guidance(cls_cfg):
+    # one Euler step from t = 1 by hand: x - v, v = u + w (c - u), the class token's w its own
+    model = fill_(tiny_model(reg=True)).eval()
+    x, _, _, cls = reg_inputs()
+    y, ones = torch.tensor([1, 7, 3]), torch.ones(3)
+    with torch.no_grad():
+        c, _, c_cls = model(x, ones, y, cls=cls)
+        u, _, u_cls = model(x, ones, torch.full_like(y, 1000), cls=cls)
+    joint = repa.JointClassToken(model, (4, 8, 8), cls_cfg)
+    out = joint.split(sample.sample_ode(joint, joint.join(x, cls), y, 1, cfg_scale=2.0))
+    torch.testing.assert_close(out[0], (x - (u + 2 * (c - u))).double())
+    expected = c_cls if cls_cfg == 0 else u_cls + cls_cfg * (c_cls - u_cls)
+    torch.testing.assert_close(out[1], (cls - expected).double())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -935,7 +1053,7 @@ def test_one_ddp_step_on_two_processes_equals_accumulation(tmp_path, flags):
 FAMILY = ["--projector", "conv", "--spatial-norm", "0.6", "--align-until", "4"]
 
 
-@pytest.mark.parametrize("flags", [[], FAMILY], ids=["repa", "irepa-haste"])
+@pytest.mark.parametrize("flags", [[], FAMILY, ["--reg"]], ids=["repa", "irepa-haste", "reg"])
 def test_resume_is_exact(tmp_path, flags, capsys):
     full = run_demo(*DEMO_FAST, *flags, "--max-steps", "6", "--results-dir", str(tmp_path / "full"))
     half = run_demo(*DEMO_FAST, *flags, "--max-steps", "3", "--results-dir", str(tmp_path / "half"))
@@ -943,18 +1061,21 @@ def test_resume_is_exact(tmp_path, flags, capsys):
     assert full.returncode == half.returncode == rest.returncode == 0, rest.stderr[-2000:]
     assert "resumed from" in rest.stdout and "at step 3" in rest.stdout
     said = "step 4: --align-until reached"  # once, at the step
-    assert [r.stdout.count(said) for r in (full, half, rest)] == ([1, 0, 1] if flags else [0] * 3)
+    assert [r.stdout.count(said) for r in (full, half, rest)] == (
+        [1, 0, 1] if flags == FAMILY else [0] * 3)
     ca, wa = weights(tmp_path / "full" / "demo" / "checkpoints" / "0000006.pt")
     cb, wb = weights(tmp_path / "half" / "demo" / "checkpoints" / "0000006.pt")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert ca["data"] == cb["data"] and ca["steps"] == cb["steps"] == 6
     sa, sb = ca["opt"]["state"], cb["opt"]["state"]
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
-    if flags:  # the run folder samples with no flags; the alignment term is 0 from step 5
+    if flags == FAMILY:  # the alignment term is 0 from step 5
         assert ca["model_kwargs"]["projector"] == "conv" and ca["args"]["spatial_norm"] == 0.6
         rows = open(tmp_path / "full" / "demo" / "metrics.jsonl")
         aligns = [json.loads(row)["align"] for row in rows]
         assert 0 not in aligns[:4] and aligns[4:] == [0, 0]
+    if flags:  # the run folder samples with no flags
+        assert ca["model_kwargs"]["reg"] == ca["args"]["reg"] == (flags != FAMILY)
         sample.main(["--ckpt", str(tmp_path / "half" / "demo"), "--sample-dir", str(tmp_path),
                      "--num-steps", "2"])
         assert "-grid.png" in capsys.readouterr().out
@@ -1275,6 +1396,25 @@ def test_align_until_stops_the_term_and_the_encoders(monkeypatch):
     assert all(m for n, m in moved.items() if n.startswith("blocks."))
 
 
+def test_reg_trains_the_class_token_the_demo_encoders_mean_token(monkeypatch):
+    run, data = demo_run("--reg")
+    assert run.model.pos_embed.shape[1] == 1 + 64 and run.model.final_layer.linear_cls.out_features
+    given, loss = [], repa.repa_loss
+    monkeypatch.setattr(repa, "repa_loss", lambda *a, **kw: given.append(kw) or loss(*a, **kw))
+    batch, before = next(data), params(run.model)
+    repa.train_step(run, [batch])
+    (patches,) = repa.encode(run.encoders, batch[0])
+    torch.testing.assert_close(given[0]["cls"], patches.mean(1))  # it has no CLS token
+    assert given[0]["reg_coeff"] == 0.03
+    w = "final_layer.linear_cls.weight"  # zero at first, as the official; learned
+    assert not before[w].any() and params(run.model)[w].any()
+    cfg = demo.parse_args(["--reg", "--results-dir", "/nonexistent"])[0]
+    no_cls = lambda device: [dataclasses.replace(e, cls="") for e in demo.demo_encoders(device)]
+    with pytest.raises(repa.UserError, match="--reg needs encoders with a class token, and "
+                                             "demo-simclr-vit has none"):
+        repa.start_run(cfg, demo.DemoDataset, no_cls)
+
+
 def test_checkpoint_schema_and_data_position(tmp_path):
     run, data = demo_run("--results-dir", str(tmp_path), "--lr", "0.002")
     os.makedirs(run.ckpt_dir)
@@ -1391,7 +1531,12 @@ def test_a_finished_run_says_so_and_changes_nothing(tmp_path):
     (["--spatial-norm", "1.5"], "--spatial-norm must be in [0, 1], got 1.5"),
     (["--spatial-norm", "-0.1"], "--spatial-norm must be in [0, 1], got -0.1"),
     (["--projector-kernel", "2"], "--projector-kernel must be odd (the grid keeps its size)"),
-    (["--projector", "attn"], "argument --projector: invalid choice: 'attn'")])
+    (["--projector", "attn"], "argument --projector: invalid choice: 'attn'"),
+    (["--reg", "--model", "DiT-B/2"], "--reg does not combine with DiT-B/2: REG trains a SiT"),
+    (["--reg", "--align-until", "9"], "--reg does not combine with --align-until"),
+    (["--reg", "--enc-type", "jepa-vit-h=x.pth"], "--reg needs an encoder with a class token, "
+                                                  "and jepa-vit-h has none"),
+    (["--reg-coeff", "-1"], "--reg-coeff must be at least 0, got -1.0")])
 def test_bad_values_are_one_line_before_any_data_is_read(flags, message, capsys):
     # the default --data-dir does not exist: the value must be named, not the missing dataset
     code, out, err = cli(capsys, *flags)
@@ -1813,9 +1958,13 @@ def test_checkpoint_layouts_load(tmp_path):
                 "args": args, "steps": 3}, tmp_path / "official.pt")
     loaded, info = sample.load_checkpoint(str(tmp_path / "official.pt"))
     assert info["format"] == "official" and info["path_type"] == "cosine"
-    assert [p[-1].out_features for p in loaded.projectors] == [24, 40]
+    assert [p[-1].out_features for p in loaded.projectors] == [24, 40] and not loaded.reg
     with pytest.raises(repa.UserError, match="disagrees with the checkpoint"):
         sample.load_checkpoint(str(tmp_path / "official.pt"), model="B/8")
+    # the official REG's: its class-token layers say so
+    reg = repa.SiT(**repa.SIZES["S/8"], input_size=4, num_classes=10, z_dims=[24], reg=True)
+    torch.save({"ema": reg.state_dict(), "args": args}, tmp_path / "reg.pt")
+    assert sample.load_checkpoint(str(tmp_path / "reg.pt"))[0].reg
     # a plain state dict with the legacy decoder_blocks naming of the released last.pt
     legacy = {(f"decoder_blocks.{int(k.split('.')[1]) - 4}.{k.split('.', 2)[2]}"
                if k.startswith("blocks.") and int(k.split(".")[1]) >= 4 else k): v
@@ -2129,6 +2278,13 @@ def test_every_paper_encoder_has_the_official_preprocessing_and_256_tokens(name)
     assert torch.allclose(feats, normed) == final_norm
     if not final_norm:  # MAE, CLIP: the last block's raw output; the final norm gives `normed`
         torch.testing.assert_close(enc.model.norm(feats), normed)
+    # REG's target leads with the class token (DINOv2's x_norm_clstoken), normed as the patches
+    assert enc.cls == ("" if name.startswith("jepa") else "token")
+    if enc.cls:
+        (with_cls,) = repa.encode([enc], images, cls=True)
+        torch.testing.assert_close(with_cls[:, 1:], feats)
+        cls = with_cls[:, 0] if final_norm else enc.model.norm(with_cls[:, 0])
+        torch.testing.assert_close(cls, enc.model.forward_features(x)[:, 0])
 
 
 def test_mocov3_vit_s_has_12_heads_and_clip_is_quickgelu():

@@ -220,13 +220,15 @@ def pretrain_simclr(batch_size=128, temperature=0.2):
 
 def demo_encoders(device="cpu"):
     """The demo's alignment target: the SimCLR ViT. Its inputs are the images in [0, 1] as they
-    are (mean 0, std 1); its features the 64 patch tokens."""
+    are (mean 0, std 1); its features the 64 patch tokens. It has no CLS token: REG's class token
+    is their mean, the pooled feature its SimCLR head was trained on (global_pool="avg")."""
     vit = demo_vit()
     cache_once(DEMO_ENCODER + ".pt", pretrain_simclr, vit, every_rank=True)
     return [repa.Encoder(name=DEMO_ENCODER, model=vit.to(device).eval().requires_grad_(False),
                          size=DemoDataset.resolution, tokens=vit.patch_embed.num_patches,
                          mean=torch.zeros(1, 3, 1, 1, device=device),
-                         std=torch.ones(1, 3, 1, 1, device=device), dim=vit.embed_dim, prefix=0)]
+                         std=torch.ones(1, 3, 1, 1, device=device), dim=vit.embed_dim, prefix=0,
+                         cls="mean")]
 
 
 DEMO_JUDGE_STEPS = 600
