@@ -138,10 +138,12 @@ def extract_features(model, encoders, data, rows, ts, cfg, info, device):
     """Each rank takes every world-th image; then rank 0 holds, in order: labels (N,), the
     encoders' pooled features [(N, D_k)], and the SiT's pooled hidden states (N, len(ts), depth,
     D), float32 on the CPU. One noise draw per image serves every t, so that the curves of the
-    different t differ only by t."""
+    different t differ only by t. REG: the first encoder's class token, noised, is token 0."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    size = (len(rows), model.in_channels, info["input_size"], info["input_size"])
-    noise = torch.randn(size, generator=torch.Generator().manual_seed(cfg.seed))[rank::world]
+    size, g = (len(rows), model.in_channels, info["input_size"], info["input_size"]), \
+        torch.Generator().manual_seed(cfg.seed)
+    noise = torch.randn(size, generator=g)[rank::world]
+    cls_noise = torch.randn(len(rows), encoders[0].dim, generator=g)[rank::world]
     mine, per = rows[rank::world], max(1, cfg.batch_size // world)
     labels, enc, sit = [], [], []
     for s in tqdm(range(0, len(mine), per), desc=f"features (rank 0 of {world})", unit="batch",
@@ -149,9 +151,11 @@ def extract_features(model, encoders, data, rows, ts, cfg, info, device):
         images, moments, y = data.__getitems__(mine[s:s + per])
         x, eps = repa.clean_latents(moments, data).to(device), noise[s:s + per].to(device)
         labels.append(y)
-        enc.append([f.float().mean(1).cpu() for f in repa.encode(encoders, images.to(device))])
+        feats = repa.encode(encoders, images.to(device), model.reg)
+        enc.append([f[:, model.reg:].float().mean(1).cpu() for f in feats])
+        cls = [feats[0][:, 0].float(), cls_noise[s:s + per].to(device)] if model.reg else []
         sit.append(torch.stack([repa.block_features(
-            model, x, torch.full((len(x),), t, device=device), eps, info["path_type"]).cpu()
+            model, x, torch.full((len(x),), t, device=device), eps, info["path_type"], cls).cpu()
             for t in ts], dim=1))
     n = len(rows)
     return (gather_rows(torch.cat(labels), n, world, device),
@@ -231,6 +235,9 @@ def analyze_checkpoint(cfg, data=None, encoders=None):
                         f"{world} processes")
     encoders = encoders(device) if encoders else repa.load_encoders(
         cfg.enc_type, info["resolution"], device)
+    if model.reg and (encoders[0].dim != model.cls_projectors2.in_features or not encoders[0].cls):
+        raise UserError(f"a REG model takes its training encoder's class token: put that encoder "
+                        f"({model.cls_projectors2.in_features} wide) first in --enc-type")
     print0(f"measuring {info['path']} ({len(model.blocks)} blocks) on {len(rows):,} images at "
            f"t = {ts} against {', '.join(e.name for e in encoders)}; no class label")
     labels, enc, sit = extract_features(model, encoders, data, rows, ts, cfg, info, device)

@@ -78,3 +78,22 @@ def test_bad_analysis_flags_are_one_line(flags, message, capsys):
         analyze.main(flags)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1
+
+
+def test_a_reg_model_is_measured_with_its_encoders_class_token():
+    # the demo's shapes, its encoder and a random REG SiT of their size: token 0 is that encoder's
+    # class token (the demo's: the patches' mean), noised; the features average the patches only
+    import dataclasses
+    import demo
+    import repa
+    from test_repa import fill_
+    model = fill_(repa.SiT(input_size=16, in_channels=3, hidden_size=32, depth=2, num_heads=2,
+                           encoder_depth=1, z_dims=[96], projector_dim=32, num_classes=10,
+                           reg=True)).eval()
+    encoders = demo.demo_encoders()
+    args = (model, encoders, demo.DemoDataset(8), list(range(8)), [0.5],
+            analyze.AnalyzeConfig(batch_size=4), {"input_size": 16, "path_type": "linear"}, "cpu")
+    _, (enc,), sit = analyze.extract_features(*args)
+    assert enc.shape == (8, 96) and sit.shape == (8, 1, 2, 32)
+    encoders[0] = dataclasses.replace(encoders[0], cls="token")  # another class token: patch 0
+    assert not analyze.extract_features(*args)[2].allclose(sit)
