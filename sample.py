@@ -423,8 +423,8 @@ def make_solver(args, model, path_type):
     if args.guidance_low > high:
         raise repa.UserError(GUIDANCE_RULE)
     if args.cls_cfg_scale >= 0 and not model.reg:
-        raise repa.UserError(f"--cls-cfg-scale guides REG's class token, and this model has "
-                             f"none (it was trained without --reg): drop the flag")
+        raise repa.UserError("--cls-cfg-scale guides REG's class token, and this model has "
+                             "none (it was trained without --reg): drop the flag")
     steps = args.num_steps or (Solver.num_steps if args.num_fid_samples else 50)
     cls = (args.cfg_scale if args.cls_cfg_scale < 0 else args.cls_cfg_scale) if model.reg else None
     return Solver(mode, steps, args.heun, args.cfg_scale, args.guidance_low, high, path_type, cls)

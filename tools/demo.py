@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 import analyze  # noqa: E402
+import compare  # noqa: E402
 import evaluate  # noqa: E402
 import repa  # noqa: E402
 import sample  # noqa: E402
@@ -318,85 +319,6 @@ def train_demo(cfg):  # the seam: the demo's data, target and measurements
 #           --compare: the paper's speed-up, in miniature (fig. 1 and 4)          #
 #################################################################################
 
-def metric_curves(folder):
-    """{metric: (steps, values)} of the measurement rows of a run's metrics.jsonl. A run resumed
-    from before its last measurement measures those steps again: the later row stands."""
-    rows = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
-    rows = {row["step"]: row for row in rows if "fd_demo" in row}  # not the loss rows
-    steps = sorted(rows)
-    return {key: (steps, [rows[s][key] for s in steps]) for key in rows[steps[-1]]}
-
-
-def steps_to_reach(steps, values, target):
-    """The first step at which a falling curve reaches `target`, interpolated linearly between
-    measurements; None if it never does."""
-    for i, (s, v) in enumerate(zip(steps, values)):
-        if v <= target:
-            if i == 0:
-                return s
-            s0, v0 = steps[i - 1], values[i - 1]
-            return s0 + (s - s0) * (v0 - target) / (v0 - v)
-    return None
-
-
-def speedups(base, other):
-    """For each of the baseline's measurements (step s, FD_demo v) of (steps, values) curves, s
-    over the step at which the other run, measured up to s, reached v; None where it had not."""
-    out = []
-    for s, v in zip(*base):  # the other's curve as measured up to s
-        reached = steps_to_reach(*(c[:sum(r <= s for r in other[0])] for c in other), v)
-        out.append(s / reached if reached else None)
-    return out
-
-
-def gap_and_slope(base, other):
-    """(r, s): the other's FD_demo r times lower than the baseline's at the last step, the
-    baseline's falling as step^-s over its last two measurements. On a power law the other then
-    needs 1 / r^(1/s) of the steps: the paper's s = 0.25 (FID 17.2 at 400K steps, 8.3 at 7M)
-    makes REPA's r = 2.2 worth about 20x; the demo's s near 1 makes its r of 1.2-1.3 worth
-    1.2x-1.4x (README: "The goal")."""
-    (steps, values), other_values = base, other[1]
-    s = math.log(values[-2] / values[-1]) / math.log(steps[-1] / steps[-2])
-    return values[-1] / other_values[-1], s
-
-
-def explain_speedup(base, other, names=("vanilla", "REPA")):
-    """compare.md's sentence on gap_and_slope."""
-    r, s = gap_and_slope(base, other)
-    return f"At the last step {names[0]}'s FD_demo is {r:.2f} times {names[1]}'s, " + (
-        f"and {names[0]}'s falls as step^-{s:.2f} (its last two measurements): on that power law "
-        f"{r:.2f}^(1/{s:.2f}) = {r ** (1 / s):.2f}x fewer steps (REPA in the paper: 2.2 times "
-        f"lower than vanilla at 400K steps, on a curve falling as step^-0.25)." if s > 0 else
-        f"and {names[0]}'s did not fall over its last two measurements.")
-
-
-def plot_compare(curves, metrics, runs, folder):
-    """compare.png: the four curves, the baseline against the other, over the grids of both at
-    the last two grid steps, drawn from the same noise. `runs`: {name: its Config}."""
-    from matplotlib.figure import Figure
-    from matplotlib.image import imread
-    folders = {name: os.path.join(c.results_dir, c.exp_name, "samples") for name, c in runs.items()}
-    files = [set(os.listdir(f)) if os.path.isdir(f) else set() for f in folders.values()]
-    grids = sorted(n for n in set.intersection(*files) if n[:7].isdigit() and n[7:] == ".png")[-2:]
-    fig = Figure(figsize=(16, 4 + 4.2 * bool(grids)))  # the training's grids, not sample.py's
-    axes = fig.subplots(1 + bool(grids), 4, squeeze=False)
-    for ax, (key, title) in zip(axes[0], metrics.items()):
-        for name, style in zip(runs, ("--", "-")):
-            ax.plot(*curves[name][key], style, marker="o", markersize=3, label=name)
-        ax.set(xlabel="training step", title=title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    for ax, (grid, name) in zip(axes[1:].flat, [(g, n) for g in grids for n in runs]):
-        ax.imshow(imread(os.path.join(folders[name], grid)))
-        # grids guide only a model that learned the null label (label dropout)
-        guidance = f"CFG {repa.GRID_CFG:g}" if runs[name].cfg_prob > 0 else "no guidance"
-        ax.set_title(f"{name}, step {int(grid[:7])} ({guidance})")
-        ax.axis("off")
-    fig.tight_layout()
-    atomic_write(os.path.join(folder, "compare.png"), lambda f: fig.savefig(f, format="png",
-                                                                           dpi=110))
-
-
 def train_in_child(cfg, threads):
     """One run of train_side_by_side, its output in its train.log, in a process group of its own
     (setsid): a signal reaches it once, from the parent."""
@@ -502,33 +424,13 @@ def demo_compare(cfg, texts):
             return
     if int(os.environ.get("RANK", 0)):
         return
-    curves = {name: metric_curves(os.path.join(folder, name.lower())) for name in runs}
-    block = next(k for k in curves[other] if k.startswith("probe/block"))[11:]  # the aligned
-    metrics = {"fd_demo": "FD_demo, no guidance (lower is better)",
-               "class_acc": "class accuracy of samples, no guidance",
-               f"cknna/{DEMO_ENCODER}/block{block}": "CKNNA with the encoder, aligned block",
-               f"probe/block{block}": "linear probe, aligned block"}
-    fds = curves[base]["fd_demo"], curves[other]["fd_demo"]
-    (steps, fd), ups = fds[0], speedups(*fds)
-    speedup = (f"{other} reaches {base}'s final FD_demo ({fd[-1]:.1f} at step {steps[-1]}) at "
-               f"step {steps[-1] / ups[-1]:.0f}: {ups[-1]:.1f}x fewer steps" if ups[-1] else
-               f"{other} does not reach {base}'s final FD_demo ({fd[-1]:.1f} at step "
-               f"{steps[-1]}) within {steps[-1]} steps")
-    lines = [f"# tools/demo.py --compare, seed {cfg.seed}", "",
-             f"{cfg.model}, {cfg.max_steps} steps of batch {cfg.batch_size} at lr {cfg.lr:g} "
-             f"(both runs), aligned at block {block} to {DEMO_ENCODER}; judge: a CNN on the "
-             f"labels. {base}: {flags[0]}; {other}: {flags[1]}.", "", f"**{speedup}.**", "",
-             *([explain_speedup(*fds, names=tuple(runs)), ""] if len(steps) > 1 else []),
-             f"speed-up: a row's step over the step at which {other} reached {base}'s FD_demo of "
-             f"that row.", "", "| step | " + " | ".join(f"{m} {name}" for m in metrics
-                                                        for name in runs) + " | speed-up |",
-             "|---" * (2 + 2 * len(metrics)) + "|"]
-    for i, step in enumerate(steps):
-        cells = [f"{curves[name][m][1][i]:.4g}" for m in metrics for name in runs]
-        lines.append(f"| {step} | {' | '.join(cells)} | {f'{ups[i]:.2f}x' if ups[i] else 'none'} |")
-    atomic_write(os.path.join(folder, "compare.md"), lambda f: f.write("\n".join(lines) + "\n"),
-                 "w")
-    plot_compare(curves, metrics, runs, folder)
+    block = cfg.encoder_depth or repa.size_config(cfg.model)["encoder_depth"]
+    speedup = compare.report(
+        {name: os.path.join(folder, name.lower()) for name in runs},
+        f"tools/demo.py --compare, seed {cfg.seed}",
+        f"{cfg.model}, {cfg.max_steps} steps of batch {cfg.batch_size} at lr {cfg.lr:g} (both "
+        f"runs), aligned at block {block} to {DEMO_ENCODER}; judge: a CNN on the labels. {base}: "
+        f"{flags[0]}; {other}: {flags[1]}.")
     print0(f"{speedup}. Report: {os.path.join(folder, 'compare.md')}, compare.png")
 
 

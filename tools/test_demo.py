@@ -149,52 +149,6 @@ def test_the_demo_networks_are_made_once_and_cached(tmp_path, monkeypatch, demo_
     assert judge.body(torch.zeros(5, 3, 16, 16)).shape == (5, 128)  # FD_demo's features
 
 
-def test_steps_to_reach_interpolates_between_measurements():
-    steps, values = [100, 200, 300], [50.0, 30.0, 10.0]
-    assert demo.steps_to_reach(steps, values, 20.0) == 250  # halfway from 30 to 10
-    assert demo.steps_to_reach(steps, values, 60.0) == 100  # already at the first measurement
-    assert demo.steps_to_reach(steps, values, 5.0) is None  # never
-
-
-def test_speedups_read_along_the_run_use_only_what_repa_had_measured_by_then():
-    vanilla = ([100, 200, 300, 400], [50.0, 30.0, 20.0, 5.0])
-    repa_ = ([100, 200, 300, 400], [60.0, 20.0, 25.0, 6.0])
-    # 100: REPA's 60 has not reached 50 (its 20 at step 200 comes later); 200: 30 is reached
-    # between 100 and 200, at 100 + 100 * (60 - 30) / (60 - 20) = 175; 300: 20 at step 200;
-    # 400: 5 never
-    assert demo.speedups(vanilla, repa_) == [None, 200 / 175, 1.5, None]
-
-
-def test_gap_and_slope_read_a_power_law_and_predict_the_speedup():
-    steps = [250, 500, 750, 1000]
-    vanilla = (steps, [90 * n ** -0.9 for n in steps])  # falls as step^-0.9
-    repa_ = (steps, [v / 1.25 for v in vanilla[1]])  # 1.25 times lower at every step
-    r, s = demo.gap_and_slope(vanilla, repa_)
-    assert r == pytest.approx(1.25) and s == pytest.approx(0.9)
-    # REPA reaches vanilla's value of step 1000 at 1000 / 1.25^(1/0.9) = 780.6 on the power law;
-    # speedups reads a little less, as it interpolates linearly between measurements
-    assert demo.speedups(vanilla, repa_)[-1] == pytest.approx(1.25 ** (1 / 0.9), rel=0.02)
-    # only the last two measurements set the slope, and only the last the gap
-    early = (steps, [500.0, 7.0, *vanilla[1][2:]])
-    assert demo.gap_and_slope(early, (steps, [1.0, 99.0, *repa_[1][2:]])) == pytest.approx((r, s))
-    text = demo.explain_speedup(vanilla, repa_)
-    assert "FD_demo is 1.25 times REPA's, and vanilla's falls as step^-0.90" in text
-    assert "1.25^(1/0.90) = 1.28x fewer steps" in text
-    rising = ([500, 1000], [10.0, 11.0])
-    assert demo.explain_speedup(rising, ([500, 1000], [9.0, 8.8])) == (
-        "At the last step vanilla's FD_demo is 1.25 times REPA's, and vanilla's did not fall over "
-        "its last two measurements.")
-
-
-def test_compare_reads_a_step_measured_twice_once(tmp_path):
-    # killed after measuring step 20 but before its checkpoint, a run resumes at step 10 and
-    # measures step 20 again: one row per step, the later one, or the table's rows shift
-    rows = [{"step": 10, "fd_demo": 5.0}, {"step": 20, "fd_demo": 4.0}, {"resumed_at": 10},
-            {"step": 10, "loss": 0.3}, {"step": 20, "fd_demo": 3.5}, {"step": 30, "fd_demo": 3.0}]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert demo.metric_curves(tmp_path)["fd_demo"] == ([10, 20, 30], [5.0, 3.5, 3.0])
-
-
 def test_help_lists_the_demos_flags_then_trainings_with_the_demos_defaults(capsys):
     with pytest.raises(SystemExit):
         demo.main(["--help"])
