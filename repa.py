@@ -683,8 +683,8 @@ def load_vae(name="stabilityai/sd-vae-ft-mse", device="cpu"):
     except Exception as e:
         hint = (f"the folder {name} is not a diffusers AutoencoderKL" if os.path.isdir(name) else
                 f"there is no folder {name}" if local else
-                f"it is not in the Hugging Face cache and cannot be downloaded here: load it once "
-                f"where there is internet and copy ~/.cache/huggingface, or pass a local folder")
+                "it is not in the Hugging Face cache and cannot be downloaded here: load it once "
+                "where there is internet and copy ~/.cache/huggingface, or pass a local folder")
         raise UserError(f"cannot load the VAE {name}: {hint} ({type(e).__name__})") from None
 
 
@@ -1098,7 +1098,7 @@ def write_checkpoint(path, state):  # never left half-written
 
 
 def save_checkpoint(run, name):
-    """Write run.ckpt_dir/name (rank 0), once all ranks agree that no loss was ever non-finite:
+    """Write run.ckpt_dir/name (rank 0), once all ranks agree that no loss has been non-finite:
     weights that have seen a NaN are never saved (one sync, only when saving)."""
     ok = run.finite.float()
     if run.world > 1:
@@ -1187,7 +1187,7 @@ def resume_run(run):
         if changed:
             raise UserError(f"{path} is another experiment ({', '.join(changed)}): " + (
                 "use another --exp-name" if cfg.resume == "auto" else
-                "resume it with the flags it was trained with"))
+                "resume it with the flags it trained with"))
         load_sit_weights(run.model, ckpt["model"])
         load_sit_weights(run.ema, ckpt["ema"])
         run.opt.load_state_dict(ckpt["opt"])

@@ -424,7 +424,7 @@ def make_solver(args, model, path_type):
         raise repa.UserError(GUIDANCE_RULE)
     if args.cls_cfg_scale >= 0 and not model.reg:
         raise repa.UserError("--cls-cfg-scale guides REG's class token, and this model has "
-                             "none (it was trained without --reg): drop the flag")
+                             "none (it trained without --reg): drop the flag")
     steps = args.num_steps or (Solver.num_steps if args.num_fid_samples else 50)
     cls = (args.cfg_scale if args.cls_cfg_scale < 0 else args.cls_cfg_scale) if model.reg else None
     return Solver(mode, steps, args.heun, args.cfg_scale, args.guidance_low, high, path_type, cls)
@@ -445,7 +445,7 @@ def run(args):
             repa.print0(f"warning: {evaluation().missing_inception()}; sampling goes on, and the "
                         "evaluation at its end needs them")
     if args.cfg_scale != 1 and model.y_embedder.embedding_table.num_embeddings == model.num_classes:
-        raise repa.UserError("this model was trained without label dropout (cfg_prob 0), so it "
+        raise repa.UserError("this model trained without label dropout (cfg_prob 0), so it "
                              "has no null label to guide with: use --cfg-scale 1")
     solver = make_solver(args, model, info["path_type"])
     # samples are decoded with ft-ema (official), although the latents were made with ft-mse

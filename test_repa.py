@@ -1083,7 +1083,6 @@ def test_resume_is_exact(tmp_path, flags, capsys):
 
 def test_sigterm_saves_exits_zero_and_resumes_like_an_unbroken_run(tmp_path):
     import signal
-    import time
     args = [sys.executable, DEMO_PY, *DEMO_FAST, "--max-steps", "20"]
     proc = subprocess.Popen(args + ["--results-dir", str(tmp_path / "cut")], cwd=HERE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -1101,6 +1100,7 @@ def test_sigterm_saves_exits_zero_and_resumes_like_an_unbroken_run(tmp_path):
     assert rest.returncode == 0 and f"at step {ckpt['steps']}" in rest.stdout
     whole = subprocess.run(args + ["--results-dir", str(tmp_path / "whole")], cwd=HERE,
                            capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
     _, wa = weights(tmp_path / "cut" / "demo" / "checkpoints" / "0000020.pt")
     _, wb = weights(tmp_path / "whole" / "demo" / "checkpoints" / "0000020.pt")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

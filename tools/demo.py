@@ -122,8 +122,8 @@ def cache_once(name, make, module, every_rank=False):
     try:
         module.load_state_dict(state["model"])
     except RuntimeError:
-        raise UserError(f"{path} was made for another version of the demo: delete it, and it "
-                        f"is made again") from None
+        raise UserError(f"{path} holds networks of another recipe of the demo: delete it, "
+                        f"and it is made again") from None
     return state["info"]
 
 
@@ -222,7 +222,7 @@ def pretrain_simclr(batch_size=128, temperature=0.2):
 def demo_encoders(device="cpu"):
     """The demo's alignment target: the SimCLR ViT. Its inputs are the images in [0, 1] as they
     are (mean 0, std 1); its features the 64 patch tokens. It has no CLS token: REG's class token
-    is their mean, the pooled feature its SimCLR head was trained on (global_pool="avg")."""
+    is their mean, the pooled feature its SimCLR head learns from (global_pool="avg")."""
     vit = demo_vit()
     cache_once(DEMO_ENCODER + ".pt", pretrain_simclr, vit, every_rank=True)
     return [repa.Encoder(name=DEMO_ENCODER, model=vit.to(device).eval().requires_grad_(False),

@@ -80,8 +80,8 @@ def check_recipe(out, recipe):
         stored = json.load(open(path))
         changed = [f"{k} {stored.get(k)} -> {v}" for k, v in recipe.items() if stored.get(k) != v]
         if changed:
-            raise UserError(f"{out} was prepared otherwise ({'; '.join(changed)}): use another "
-                            f"--data-dir, or the flags it was begun with")
+            raise UserError(f"{out} is prepared otherwise ({'; '.join(changed)}): use another "
+                            f"--data-dir, or the flags it began with")
     elif os.path.isdir(out) and any(n.startswith("shard-") or n == "manifest.json"
                                     for n in os.listdir(out)):
         raise UserError(f"{out} holds shards that no tools/prepare.py began (no prepare.json): "
@@ -113,7 +113,7 @@ def prepare(src, cfg):
     if rank == 0:  # nothing is written before the checks
         os.makedirs(out, exist_ok=True)
         atomic_write(os.path.join(out, "prepare.json"), lambda f: json.dump(recipe, f), "w")
-        for name in os.listdir(out):  # what a stopped preparation was writing: redone
+        for name in os.listdir(out):  # what a stopped preparation left unfinished: redone
             if name.startswith(".shard-"):
                 shutil.rmtree(os.path.join(out, name))
     barrier()  # every rank has listed before any shard is written

@@ -35,7 +35,8 @@ def test_gap_and_slope_read_a_power_law_and_predict_the_speedup():
     assert compare.speedups(vanilla, repa_)[-1] == pytest.approx(1.25 ** (1 / 0.9), rel=0.02)
     # only the last two measurements set the slope, and only the last the gap
     early = (steps, [500.0, 7.0, *vanilla[1][2:]])
-    assert compare.gap_and_slope(early, (steps, [1.0, 99.0, *repa_[1][2:]])) == pytest.approx((r, s))
+    assert compare.gap_and_slope(early, (steps, [1.0, 99.0, *repa_[1][2:]])) == pytest.approx(
+        (r, s))
     text = compare.explain_speedup(vanilla, repa_)
     assert "FD_demo is 1.25 times REPA's, and vanilla's falls as step^-0.90" in text
     assert "1.25^(1/0.90) = 1.28x fewer steps" in text

@@ -128,15 +128,15 @@ def test_the_demo_networks_are_made_once_and_cached(tmp_path, monkeypatch, demo_
     assert os.listdir(folder) == ["net.pt"]
     assert info["probe"] == 0.5 and "seconds" in info
     torch.testing.assert_close(first.state_dict(), again.state_dict())
-    # a file from another version of the demo: one clear line, and the file is kept
-    with pytest.raises(repa.UserError, match="another version of the demo: delete it"):
+    # a file from another recipe of the demo: one clear line, and the file is kept
+    with pytest.raises(repa.UserError, match="another recipe of the demo: delete it"):
         demo.cache_once("net.pt", make, torch.nn.Linear(2, 4))
     # the test run's encoder and judge: loaded from the cache, frozen, 64 tokens of 96
     monkeypatch.setenv("REPA_CACHE", demo_cache)
     (enc,), (judge, info) = demo.demo_encoders(), demo.demo_judge()
     assert enc.tokens == 64 and enc.dim == 96 and not enc.model.training
-    # its tokens are standardized in each channel over (the first 2,000 of) the images it was
-    # pretrained on, so the alignment target is not one shared direction
+    # its tokens are standardized in each channel over (the first 2,000 of) the images it
+    # pretrains on, so the alignment target is not one shared direction
     with torch.no_grad():
         images = demo.DemoDataset(20_000, seed=100).images[:2000]
         tokens = enc.model.forward_features(images / 255)

@@ -280,7 +280,7 @@ def test_evaluation_end_to_end(tmp_path, random_inception, monkeypatch, capsys):
              sigma=np.zeros((2048, 2048)), mu_s=mu_s, sigma_s=np.zeros((2023, 2023)))
 
     def root_of_zero(a):
-        assert not a.any()  # the stored sigma was used, not the one of the images
+        assert not a.any()  # the stored sigma is used, not the one of the images
         return np.zeros_like(a)
     monkeypatch.setattr(scipy.linalg, "sqrtm", root_of_zero)
     features, extract = [], evaluate.inception_features  # (the features are tested above)

@@ -50,7 +50,7 @@ def test_prepare_resumes_after_a_stop_and_reads_back(tmp_path, monkeypatch):
     # resumed with another shard size, resolution or source, it would mix or lose images
     for change, says in [(dict(shard_size=3), "shard_size 2 -> 3"),
                          (dict(resolution=32), "resolution 16 -> 32")]:
-        with pytest.raises(repa.UserError, match=f"was prepared otherwise .*{says}"):
+        with pytest.raises(repa.UserError, match=f"is prepared otherwise .*{says}"):
             prepare.prepare(str(src), cfg(**{"shard_size": 2, **change}))
 
     data = repa.ShardDataset(str(out))
