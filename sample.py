@@ -386,7 +386,9 @@ def parse_args(argv=None):
               "--num-steps, --num-fid-samples, --resolution, --encoder-depth and --cfg-scale must "
               "be at least 0, --per-class and --per-proc-batch-size at least 1"),
              (0 <= args.guidance_low <= (1 if args.guidance_high == -1 else args.guidance_high)
-              <= 1, GUIDANCE_RULE)]
+              <= 1, GUIDANCE_RULE),
+             (args.cls_cfg_scale >= 0 or args.cls_cfg_scale == -1,
+              "--cls-cfg-scale must be at least 0, or -1 for --cfg-scale's")]
     for ok, message in rules:
         if not ok:
             raise repa.UserError(message)

@@ -2022,6 +2022,8 @@ def test_missing_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(repa.UserError, match="is not a whole torch.save file"):
         sample.load_checkpoint(str(tmp_path / "bad.pt"))
+    with pytest.raises(repa.UserError, match="--cls-cfg-scale must be at least 0, or -1"):
+        sample.parse_args(["--ckpt", "x.pt", "--cls-cfg-scale", "-2"])
 
 
 def test_pixel_space_grid(tmp_path, capsys):
