@@ -13,6 +13,8 @@ The method, with the paper's equation numbers (t = 0 is data, t = 1 noise, as th
                     after block `encoder_depth`; h_phi a small MLP; sim the cosine similarity
   (9) total         L = L_velocity + lambda L_REPA, lambda = 0.5 (`proj_coeff`)
 DiT + REPA (Table 3) keeps (8) and (9) and trains DiT's improved DDPM in place of (1)-(3).
+The REPA family, each a flag: iREPA's conv projector and z-scored target (--projector conv,
+--spatial-norm), HASTE's early stop (--align-until), REG's class token as token 0 (--reg).
 
 Commands
   pip install -r requirements.txt && python -m pytest -q test_repa.py tools       # set up, test
@@ -539,7 +541,7 @@ class Encoder:
     dim: int            # feature width D_k
     prefix: int         # leading tokens to drop (CLS, registers)
     final_norm: bool = True  # features after the final norm (forward_features) or before it
-    cls: str = "token"  # REG's class token: token 0 ("token"), the patches' mean ("mean"), or ""
+    cls: str = ""       # REG's class token: token 0 ("token"), the patches' mean ("mean"), none
 
 
 def parse_encoder(entry):
