@@ -1303,6 +1303,7 @@ class JointClassToken(nn.Module):
     def __init__(self, model, shape, cls_cfg_scale):
         super().__init__()
         self.model, self.shape, self.cls_cfg_scale = model, tuple(shape), cls_cfg_scale
+        # reg False: to a solver this is a plain velocity model, so it is not wrapped again
         self.columns, self.num_classes, self.reg = math.prod(shape), model.num_classes, False
 
     def join(self, z, cls):
